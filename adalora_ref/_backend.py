@@ -1,0 +1,129 @@
+"""The one module that knows about array libraries.
+
+Everything else in adalora_ref takes its namespace from its inputs through `namespace(...)` and
+uses only the array API standard. This module owns:
+
+- finding the namespace of a set of arrays, and refusing a mix of libraries;
+- the checks every public function shares (shape, dtype, finiteness), with errors that name the
+  offending value;
+- moving arrays to and from NumPy (for random initialisation and for files);
+- looking up a backend by name (`numpy`, `array_api_strict`, `torch`, `cupy`) for the CLI and tests.
+
+It does not own any AdaLoRA math.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+Array = Any
+"""Any array of a library that implements the array API standard (numpy, cupy, torch, ...)."""
+
+BACKENDS = ("numpy", "array_api_strict", "torch", "cupy")
+
+
+def namespace(*arrays: Array | None) -> Any:
+    """The array API namespace shared by `arrays` (None entries are ignored).
+
+    Raises TypeError naming the libraries when the arrays come from more than one.
+    """
+    present = [a for a in arrays if a is not None]
+    if not present:
+        raise TypeError("namespace() needs at least one array")
+    try:
+        return array_api_compat.array_namespace(*present)
+    except TypeError as err:
+        kinds = sorted({type(a).__module__ + "." + type(a).__qualname__ for a in present})
+        raise TypeError(f"arrays come from different libraries or are not arrays: {kinds}") from err
+
+
+def get_backend(name: str) -> Any:
+    """The array API namespace of the library called `name` (one of BACKENDS).
+
+    Raises ValueError for an unknown name and ImportError (with the reason) when the library is
+    not installed, or when cupy is installed but no GPU can be used.
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "numpy":
+        return array_api_compat.array_namespace(np.zeros(0))
+    if name == "array_api_strict":
+        return importlib.import_module("array_api_strict")
+    if name == "torch":
+        torch = importlib.import_module("torch")
+        return array_api_compat.array_namespace(torch.zeros(0))
+    cupy = importlib.import_module("cupy")
+    try:
+        probe = cupy.zeros(1)
+    except Exception as err:  # cupy raises its own CUDA error types when no GPU is usable
+        raise ImportError(f"cupy is installed but no GPU is usable: {err}") from err
+    return array_api_compat.array_namespace(probe)
+
+
+def dtype_by_name(xp: Any, name: str) -> Any:
+    """`xp.float32` or `xp.float64` from the strings "float32" / "float64"."""
+    if name not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {name!r}")
+    return getattr(xp, name)
+
+
+def dtype_name(dtype: Any) -> str:
+    """"float32" or "float64" for a floating dtype of any backend."""
+    text = str(dtype)
+    for name in ("float32", "float64"):
+        if text.endswith(name):
+            return name
+    raise TypeError(f"only float32 and float64 are supported, got dtype {dtype}")
+
+
+def to_numpy(x: Array) -> np.ndarray:
+    """A NumPy copy (or view) of `x`, from any backend, host or GPU."""
+    if isinstance(x, np.ndarray):
+        return x
+    if array_api_compat.is_cupy_array(x):
+        return x.get()
+    if array_api_compat.is_torch_array(x):
+        return x.detach().cpu().numpy()
+    return np.from_dlpack(x)
+
+
+def from_numpy(xp: Any, value: np.ndarray, *, dtype: Any = None, device: Any = None) -> Array:
+    """`value` as an array of namespace `xp`, with the given dtype and device."""
+    if dtype is None:
+        dtype = getattr(xp, dtype_name(value.dtype))
+    return xp.asarray(np.ascontiguousarray(value), dtype=dtype, device=device)
+
+
+def device_of(x: Array) -> Any:
+    return array_api_compat.device(x)
+
+
+def check_shape(name: str, x: Array, shape: tuple[int, ...]) -> None:
+    """Raise ValueError naming `name` when `x.shape != shape`."""
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)}")
+
+
+def check_dtype(name: str, x: Array, dtype: Any) -> None:
+    """Raise TypeError naming `name` when `x.dtype != dtype`."""
+    if x.dtype != dtype:
+        raise TypeError(f"{name} has dtype {x.dtype}, expected {dtype} (dtypes are never mixed)")
+
+
+def check_finite(name: str, x: Array) -> None:
+    """Raise ValueError naming `name` when `x` holds NaN or Inf."""
+    xp = namespace(x)
+    if not bool(xp.all(xp.isfinite(x))):
+        bad = int(xp.sum(xp.astype(~xp.isfinite(x), xp.int64)))
+        raise ValueError(f"{name} holds {bad} non-finite value(s) (NaN or Inf)")
+
+
+def dtype_name_or_raise(name: str, x: Array) -> str:
+    try:
+        return dtype_name(x.dtype)
+    except TypeError:
+        raise TypeError(f"{name} has dtype {x.dtype}; only float32 and float64 are supported") from None
