@@ -72,7 +72,7 @@ def dtype_by_name(xp: Any, name: str) -> Any:
 
 
 def dtype_name(dtype: Any) -> str:
-    """"float32" or "float64" for a floating dtype of any backend."""
+    """ "float32" or "float64" for a floating dtype of any backend."""
     text = str(dtype)
     for name in ("float32", "float64"):
         if text.endswith(name):

@@ -254,7 +254,7 @@ class SVDLinear:
         return xp.reshape(grad_x, cache.x_shape), grads
 
     def delta_weight(self) -> Array:
-        """B @ (A * E) * scaling / (ranknum + 1e-5), shaped like the base weight (transposed with fan_in_fan_out)."""
+        """B @ (A * E) * scaling / (ranknum + 1e-5), shaped as the base weight."""
         xp = namespace(self.weight)
         A, E, B = self.triplet.lora_A, self.triplet.lora_E, self.triplet.lora_B
         delta = B @ (A * E)  # (out, in)

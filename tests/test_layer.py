@@ -32,7 +32,9 @@ def make_params(rng: np.random.Generator, r: int, n_in: int, n_out: int, fan_in_
 def build(be: Backend, p: dict, *, lora_alpha: float = 8, fan_in_fan_out: bool = False) -> SVDLinear:
     triplet = SVDTriplet(*(be.asarray(p[k]) for k in PARTS))
     bias = None if p["bias"] is None else be.asarray(p["bias"])
-    return SVDLinear(be.asarray(p["weight"]), bias, triplet, lora_alpha=lora_alpha, fan_in_fan_out=fan_in_fan_out)
+    return SVDLinear(
+        be.asarray(p["weight"]), bias, triplet, lora_alpha=lora_alpha, fan_in_fan_out=fan_in_fan_out
+    )
 
 
 def dense_reference(p: dict, x: np.ndarray, lora_alpha: float, fan_in_fan_out: bool, mask=None) -> np.ndarray:
@@ -106,7 +108,7 @@ def test_backward_matches_central_differences(xp64: Backend, case: dict) -> None
         return float(np.sum(be.to_numpy(y) * G))
 
     layer = build(be, p, **kwargs)
-    y, cache = layer.forward(be.asarray(x), m)
+    _, cache = layer.forward(be.asarray(x), m)
     grad_x, grads = layer.backward(cache, be.asarray(G))
     analytic = {"x": be.to_numpy(grad_x), **{k: be.to_numpy(getattr(grads, k)) for k in PARTS}}
 
