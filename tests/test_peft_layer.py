@@ -155,7 +155,7 @@ def test_orthogonal_regularizer_matches_peft(init_r: int, orth_reg_weight: float
     ]
     value, grads = orthogonal_regularizer(triplets, orth_reg_weight)
     assert_close(float(value), float(loss), REL, "regularizer value")
-    for L, (g_A, g_B) in zip(layers, grads):
+    for L, (g_A, g_B) in zip(layers, grads, strict=True):
         assert_close(g_A, t2n(L.lora_A["default"].grad), REL, "dR/dA")
         assert_close(g_B, t2n(L.lora_B["default"].grad), REL, "dR/dB")
 
