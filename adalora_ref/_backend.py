@@ -98,6 +98,11 @@ def from_numpy(xp: Any, value: np.ndarray, *, dtype: Any = None, device: Any = N
     return xp.asarray(np.ascontiguousarray(value), dtype=dtype, device=device)
 
 
+def to_bool_list(x: Array) -> list[bool]:
+    """A 1-D boolean array of any backend as a Python list of bool."""
+    return [bool(v) for v in to_numpy(x).tolist()]
+
+
 def device_of(x: Array) -> Any:
     return array_api_compat.device(x)
 

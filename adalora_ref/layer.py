@@ -41,6 +41,21 @@ RANKNUM_EPS = 1e-5
 """peft adds this to ranknum before dividing: `scaling / (ranknum + 1e-5)`."""
 
 
+def linear_forward(x2d: Array, weight: Array, bias: Array | None, fan_in_fan_out: bool = False) -> Array:
+    """A plain (frozen) linear layer: (n, in) -> (n, out), y = x @ W.T + b, or x @ W + b with fan_in_fan_out."""
+    xp = namespace(x2d, weight)
+    W = weight if fan_in_fan_out else xp.matrix_transpose(weight)  # (in, out)
+    y = x2d @ W
+    return y if bias is None else y + bias
+
+
+def linear_input_grad(grad_y2d: Array, weight: Array, fan_in_fan_out: bool = False) -> Array:
+    """dL/dx (n, in) of a plain linear layer from dL/dy (n, out)."""
+    xp = namespace(grad_y2d, weight)
+    W = xp.matrix_transpose(weight) if fan_in_fan_out else weight  # (out, in)
+    return grad_y2d @ W
+
+
 @dataclass
 class SVDTriplet:
     """The trainable parameters of one adapted layer: lora_A (r, in), lora_E (r, 1), lora_B (out, r)."""
@@ -182,13 +197,6 @@ class SVDLinear:
             check_shape(f"{self.name} dropout_mask", dropout_mask, tuple(x.shape))
             check_dtype(f"{self.name} dropout_mask", dropout_mask, self.weight.dtype)
 
-    def base_forward(self, x2d: Array) -> Array:
-        """The frozen layer alone: (n, in) -> (n, out)."""
-        xp = namespace(x2d)
-        W = self.weight if self.fan_in_fan_out else xp.matrix_transpose(self.weight)  # (in, out)
-        y = x2d @ W
-        return y if self.bias is None else y + self.bias
-
     def forward(self, x: Array, dropout_mask: Array | None = None) -> tuple[Array, ForwardCache]:
         """y = base(x) + (dropout(x) @ (A * E).T @ B.T) * scaling / (ranknum + 1e-5).
 
@@ -205,7 +213,7 @@ class SVDLinear:
         if self.disable_adapters and self.merged:
             self.unmerge()
         x2d = xp.reshape(x, (-1, self.in_features))  # (n, in)
-        y = self.base_forward(x2d)  # (n, out)
+        y = linear_forward(x2d, self.weight, self.bias, self.fan_in_fan_out)  # (n, out)
         cache = ForwardCache(tuple(x.shape), x2d, None, None, None)
         if not (self.disable_adapters or self.merged):
             A, E, B = self.triplet.lora_A, self.triplet.lora_E, self.triplet.lora_B
@@ -237,8 +245,7 @@ class SVDLinear:
         check_shape(f"{self.name} grad_y", grad_y, out_shape)
         check_dtype(f"{self.name} grad_y", grad_y, self.weight.dtype)
         g = xp.reshape(grad_y, (-1, self.out_features))  # (n, out)
-        W = xp.matrix_transpose(self.weight) if self.fan_in_fan_out else self.weight  # (out, in)
-        grad_x = g @ W  # (n, in)
+        grad_x = linear_input_grad(g, self.weight, self.fan_in_fan_out)  # (n, in)
         grads = None
         if cache.u is not None and cache.xd2d is not None:
             A, E, B = self.triplet.lora_A, self.triplet.lora_E, self.triplet.lora_B

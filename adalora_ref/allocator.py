@@ -1,0 +1,276 @@
+"""The rank allocator of AdaLoRA (peft's `RankAllocator`): importance, budget schedule, masking.
+
+Arrays in, arrays out. The allocator never touches a model: it takes the triplets and their
+gradients by layer name, keeps the importance state, and returns the budget, the threshold, the
+masked singular values and the rank pattern. model.py applies them.
+
+Quantities, for every element of every lora_A, lora_E and lora_B of the trained adapter:
+
+    ipt         = |p * grad|                                        sensitivity
+    exp_avg_ipt = beta1 * exp_avg_ipt + (1 - beta1) * ipt           smoothed sensitivity (starts at 0)
+    exp_avg_unc = beta2 * exp_avg_unc + (1 - beta2) * |ipt - exp_avg_ipt|
+                  (with the exp_avg_ipt just updated)               uncertainty (starts at 0)
+    s           = exp_avg_ipt * exp_avg_unc                         element score (a product)
+
+and for row i of a triplet (one singular value):
+
+    score[i] = s_E[i] + (mean_j s_A[i, j] + mean_k s_B[k, i])
+
+Budget (total rank over all triplets), `budget_schedule`: init_bgt while step <= tinit; target_bgt
+once step > total_step - tfinal; in between int((init_bgt - target_bgt) * mul**3 + target_bgt)
+with mul = 1 - (step - tinit) / (total_step - tfinal - tinit), masking when step % deltaT == 0.
+
+Masking, `mask_to_budget`: threshold = the k-th smallest score over all triplets, k = init_bgt -
+budget; every row with score <= threshold has its E set to 0 (so ties can prune more than k rows);
+rank_pattern[layer] = [score > threshold]. A and B are never masked.
+
+Decisions peft leaves undefined, made here (see docs/SPEC.md):
+- k <= 0 (e.g. init_r == target_r): nothing is pruned and the threshold is -inf. peft crashes in
+  torch.kthvalue ("k out of range", peft issue 2337).
+- NaN or Inf in a parameter, a gradient or the importance: ValueError naming the layer and the
+  tensor, and the state is left as it was. peft carries NaN into the threshold and zeroes every E.
+- A layer missing from, or extra in, the gradients, or a tensor of the wrong shape: ValueError.
+- A step number smaller than the previous one: ValueError.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ._backend import Array, check_shape, device_of, namespace, to_bool_list
+from .layer import SVDTriplet, TripletGrads
+
+PARTS = ("lora_A", "lora_E", "lora_B")
+
+
+def budget_schedule(
+    step: int, *, init_bgt: int, target_bgt: int, tinit: int, tfinal: int, total_step: int, deltaT: int
+) -> tuple[int, bool]:
+    """(budget, mask_ind) at `step`: peft's cubic schedule, truncated with int()."""
+    if step <= tinit:  # initial warm-up: full budget, no masking
+        return init_bgt, False
+    if step > total_step - tfinal:  # final fine-tuning: target budget, always masked
+        return target_bgt, True
+    mul_coeff = 1 - (step - tinit) / (total_step - tfinal - tinit)
+    budget = int((init_bgt - target_bgt) * (mul_coeff**3) + target_bgt)
+    return budget, step % deltaT == 0
+
+
+@dataclass
+class ImportanceState:
+    """The importance of one tensor (lora_A, lora_E or lora_B of one layer), shaped like it."""
+
+    ipt: Array
+    exp_avg_ipt: Array
+    exp_avg_unc: Array
+
+
+def update_importance(state: ImportanceState | None, p: Array, grad: Array, beta1: float, beta2: float):
+    """One EMA step of sensitivity and uncertainty; `state` None means all zeros (the first step)."""
+    xp = namespace(p, grad)
+    ipt = xp.abs(p * grad)
+    if state is None:
+        zeros = xp.zeros_like(p)
+        state = ImportanceState(zeros, zeros, zeros)
+    exp_avg_ipt = beta1 * state.exp_avg_ipt + (1 - beta1) * ipt
+    exp_avg_unc = beta2 * state.exp_avg_unc + (1 - beta2) * xp.abs(ipt - exp_avg_ipt)
+    return ImportanceState(ipt, exp_avg_ipt, exp_avg_unc)
+
+
+def element_score(state: ImportanceState) -> Array:
+    return state.exp_avg_ipt * state.exp_avg_unc
+
+
+def triplet_score(states: Mapping[str, ImportanceState]) -> Array:
+    """score[i] = s_E[i] + (mean_j s_A[i, j] + mean_k s_B[k, i]), shape (r,)."""
+    xp = namespace(states["lora_E"].exp_avg_ipt)
+    s_A = element_score(states["lora_A"])  # (r, in)
+    s_E = element_score(states["lora_E"])  # (r, 1)
+    s_B = element_score(states["lora_B"])  # (out, r)
+    mean_A = xp.mean(s_A, axis=1)  # (r,)
+    mean_B = xp.mean(s_B, axis=0)  # (r,)
+    return s_E[:, 0] + (mean_A + mean_B)
+
+
+def kth_smallest(values: Array, k: int) -> float:
+    """The k-th smallest value (1-based), as torch.kthvalue; -inf when k <= 0 (nothing to prune)."""
+    if k <= 0:
+        return -math.inf
+    xp = namespace(values)
+    if k > values.shape[0]:
+        raise ValueError(f"cannot prune {k} rows: only {values.shape[0]} singular values in all triplets")
+    return float(xp.sort(values)[k - 1])
+
+
+@dataclass
+class Allocation:
+    """What one call of `RankAllocator.update_and_allocate` decided."""
+
+    budget: int
+    masked: bool
+    threshold: float | None = None  # None when no masking happened; -inf when nothing was pruned
+    scores: dict[str, Array] = field(default_factory=dict)  # layer -> (r,) triplet scores, when masked
+    lora_E: dict[str, Array] = field(default_factory=dict)  # layer -> masked E (r, 1), when masked
+    rank_pattern: dict[str, list[bool]] | None = None  # layer -> keep flags, when masked
+
+
+class RankAllocator:
+    """Importance state of every triplet of the trained adapter, and the budgeted masking.
+
+    `layers` maps each adapted layer's name to its rank r, in the order the model lists its
+    layers. init_bgt = sum of r; target_bgt = target_r * number of layers (as peft).
+    """
+
+    def __init__(
+        self,
+        layers: Mapping[str, int],
+        *,
+        target_r: int,
+        tinit: int,
+        tfinal: int,
+        total_step: int,
+        deltaT: int = 1,
+        beta1: float = 0.85,
+        beta2: float = 0.85,
+    ) -> None:
+        for name, beta in (("beta1", beta1), ("beta2", beta2)):
+            if not 0 < beta < 1:
+                raise ValueError(f"{name} must satisfy 0 < {name} < 1, got {beta}")
+        self.layer_ranks = dict(layers)
+        self.beta1, self.beta2 = beta1, beta2
+        self.tinit, self.tfinal, self.total_step, self.deltaT = tinit, tfinal, total_step, deltaT
+        self.init_bgt = sum(self.layer_ranks.values())
+        self.target_bgt = target_r * len(self.layer_ranks)
+        self.state: dict[str, dict[str, ImportanceState]] = {}
+        self.last_step: int | None = None
+
+    @classmethod
+    def from_config(cls, config, layers: Mapping[str, int]) -> RankAllocator:
+        return cls(
+            layers,
+            target_r=config.target_r,
+            tinit=config.tinit,
+            tfinal=config.tfinal,
+            total_step=config.total_step,
+            deltaT=config.deltaT,
+            beta1=config.beta1,
+            beta2=config.beta2,
+        )
+
+    def reset_ipt(self) -> None:
+        """Forget all importance (peft does this after the final masking)."""
+        self.state = {}
+
+    def budget_schedule(self, step: int) -> tuple[int, bool]:
+        return budget_schedule(
+            step,
+            init_bgt=self.init_bgt,
+            target_bgt=self.target_bgt,
+            tinit=self.tinit,
+            tfinal=self.tfinal,
+            total_step=self.total_step,
+            deltaT=self.deltaT,
+        )
+
+    def _check_inputs(self, params: Mapping[str, SVDTriplet], grads: Mapping[str, TripletGrads] | None) -> None:
+        expected = set(self.layer_ranks)
+        for what, given in (("params", params), ("grads", grads)):
+            if given is None:
+                continue
+            missing, extra = sorted(expected - set(given)), sorted(set(given) - expected)
+            if missing or extra:
+                raise ValueError(f"{what} do not match the allocator's layers: missing {missing}, extra {extra}")
+        for name, r in self.layer_ranks.items():
+            triplet = params[name]
+            if triplet.r != r:
+                raise ValueError(f"{name}.lora_E has {triplet.r} rows, the allocator expects r = {r}")
+            if grads is None:
+                continue
+            for part in PARTS:
+                check_shape(f"{name}.{part} grad", getattr(grads[name], part), tuple(getattr(triplet, part).shape))
+
+    def update_ipt(self, params: Mapping[str, SVDTriplet], grads: Mapping[str, TripletGrads]) -> None:
+        """One importance step for every tensor. All-or-nothing: on an error the state is unchanged."""
+        self._check_inputs(params, grads)
+        new_state = {}
+        for name in self.layer_ranks:
+            layer_state = {}
+            for part in PARTS:
+                p, g = getattr(params[name], part), getattr(grads[name], part)
+                updated = update_importance(self.state.get(name, {}).get(part), p, g, self.beta1, self.beta2)
+                _refuse_non_finite(name, part, p, g, updated)
+                layer_state[part] = updated
+            new_state[name] = layer_state
+        self.state = new_state
+
+    def scores(self) -> dict[str, Array]:
+        """layer -> (r,) triplet scores from the current importance state."""
+        if not self.state:
+            raise ValueError("no importance yet: update_ipt must run before masking")
+        return {name: triplet_score(self.state[name]) for name in self.layer_ranks}
+
+    def mask_to_budget(self, params: Mapping[str, SVDTriplet], budget: int) -> Allocation:
+        """Zero the E rows whose score is <= the (init_bgt - budget)-th smallest score."""
+        self._check_inputs(params, None)
+        scores = self.scores()
+        xp = namespace(*scores.values())
+        threshold = kth_smallest(xp.concat(list(scores.values())), self.init_bgt - budget)
+        allocation = Allocation(budget=budget, masked=True, threshold=threshold, scores=scores, rank_pattern={})
+        for name, score in scores.items():
+            keep = score > threshold  # (r,) peft prunes score <= threshold: ties all go
+            E = params[name].lora_E
+            allocation.lora_E[name] = xp.where(keep[:, None], E, xp.zeros_like(E))
+            allocation.rank_pattern[name] = to_bool_list(keep)
+        return allocation
+
+    def update_and_allocate(
+        self,
+        params: Mapping[str, SVDTriplet],
+        grads: Mapping[str, TripletGrads] | None,
+        global_step: int,
+        force_mask: bool = False,
+    ) -> Allocation:
+        """peft's RankAllocator.update_and_allocate: importance (before total_step - tfinal), then
+        the schedule, then masking when the schedule says so or `force_mask`."""
+        if self.last_step is not None and global_step < self.last_step:
+            raise ValueError(f"step {global_step} comes after step {self.last_step}: steps must not go backwards")
+        if global_step < self.total_step - self.tfinal:
+            if grads is None:
+                raise ValueError(f"step {global_step} updates the importance: gradients are required")
+            self.update_ipt(params, grads)
+        self.last_step = global_step
+        budget, mask_ind = self.budget_schedule(global_step)
+        if mask_ind or force_mask:
+            return self.mask_to_budget(params, budget)
+        return Allocation(budget=budget, masked=False)
+
+
+def mask_using_rank_pattern(
+    params: Mapping[str, SVDTriplet], rank_pattern: Mapping[str, list[bool]]
+) -> dict[str, Array]:
+    """layer -> E with the rows the pattern does not keep set to 0 (peft's final phase)."""
+    masked = {}
+    for name, triplet in params.items():
+        if name not in rank_pattern:
+            raise ValueError(f"rank_pattern has no entry for layer {name!r}")
+        keep = rank_pattern[name]
+        if len(keep) != triplet.r:
+            raise ValueError(f"rank_pattern[{name!r}] has {len(keep)} flags, the layer has r = {triplet.r}")
+        xp = namespace(triplet.lora_E)
+        E = triplet.lora_E
+        keep_arr = xp.asarray(keep, dtype=xp.bool, device=device_of(E))
+        masked[name] = xp.where(keep_arr[:, None], E, xp.zeros_like(E))
+    return masked
+
+
+def _refuse_non_finite(name: str, part: str, p: Array, grad: Array, state: ImportanceState) -> None:
+    """Raise when the importance of `name.part` is not finite, naming the tensor at fault."""
+    xp = namespace(p)
+    if bool(xp.all(xp.isfinite(state.exp_avg_unc))):
+        return
+    for what, x in ((f"{name}.{part}", p), (f"{name}.{part} gradient", grad)):
+        if not bool(xp.all(xp.isfinite(x))):
+            raise ValueError(f"{what} holds NaN or Inf: importance cannot be scored (peft would zero every E)")
+    raise ValueError(f"the importance of {name}.{part} overflows (|p * grad| is not finite in this dtype)")
