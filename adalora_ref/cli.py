@@ -1,0 +1,85 @@
+"""The `adalora-ref` command.
+
+    adalora-ref train [--steps N] [--seed S] [--backend numpy|array_api_strict|torch|cupy] [--dtype ...]
+
+`train` runs AdaLoRA on a small regression MLP for N steps in peft's call order and prints the
+budget at every masking step and the final rank pattern: the quickest way to watch rank
+allocation happen. Nothing imports this module; it imports the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from ._backend import BACKENDS, dtype_by_name, from_numpy, get_backend
+from .config import AdaLoraConfig
+from .mlp import MLP, mse_loss
+from .model import AdaLoraModel, BaseLinear
+from .optim import AdamW
+from .training import train_step
+
+
+def run_train(steps: int, seed: int, backend: str, dtype_name: str) -> int:
+    xp = get_backend(backend)
+    dtype = dtype_by_name(xp, dtype_name)
+    rng = np.random.default_rng(seed)
+    shapes = [("fc1", 16, 64), ("fc2", 64, 64), ("fc3", 64, 64), ("head", 64, 8)]
+    layers = {
+        name: BaseLinear(
+            from_numpy(xp, rng.normal(size=(n_out, n_in)) / np.sqrt(n_in), dtype=dtype),
+            from_numpy(xp, np.zeros(n_out), dtype=dtype),
+        )
+        for name, n_in, n_out in shapes
+    }
+    tinit, tfinal = steps // 10, steps // 5
+    config = AdaLoraConfig(
+        target_modules=["fc1", "fc2", "fc3"],
+        init_r=8,
+        target_r=3,
+        tinit=tinit,
+        tfinal=tfinal,
+        deltaT=max(1, steps // 50),
+        total_step=steps,
+    )
+    net = MLP(AdaLoraModel(layers, config, rng))
+    optimizer = AdamW(lr=1e-2)
+    teacher = rng.normal(size=(16, 8)) / 4.0
+    print(f"AdaLoRA on a {backend} {dtype_name} MLP: init_r 8 -> target_r 3 over {steps} steps")
+    for step in range(1, steps + 1):
+        x = rng.normal(size=(64, 16))
+        target = np.tanh(x @ teacher)
+        result = train_step(
+            net, optimizer, from_numpy(xp, x, dtype=dtype), from_numpy(xp, target, dtype=dtype), step, mse_loss
+        )
+        allocation = result.allocation
+        if allocation is not None and allocation.masked and (step % max(1, steps // 10) == 0 or step == steps - tfinal):
+            ranks = {name: sum(keep) for name, keep in (allocation.rank_pattern or {}).items()}
+            print(f"step {step:5d}  loss {result.loss:.5f}  budget {allocation.budget:3d}  ranks {ranks}")
+    print("final rank pattern (adapter_config.json's rank_pattern):")
+    for key, keep in (config.rank_pattern or {}).items():
+        print(f"  {key:12s} {''.join('1' if k else '0' for k in keep)}  rank {sum(keep)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="adalora-ref", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a small MLP with AdaLoRA and print the rank pattern")
+    train.add_argument("--steps", type=int, default=200)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--backend", choices=BACKENDS, default="numpy")
+    train.add_argument("--dtype", choices=("float32", "float64"), default="float64")
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        if args.steps < 10:
+            parser.error(f"--steps must be at least 10, got {args.steps}")
+        return run_train(args.steps, args.seed, args.backend, args.dtype)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
