@@ -65,20 +65,32 @@ def run_train(steps: int, seed: int, backend: str, dtype_name: str) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="adalora-ref", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def register_train(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="train a small MLP with AdaLoRA and print the rank pattern")
     train.add_argument("--steps", type=int, default=200)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--backend", choices=BACKENDS, default="numpy")
     train.add_argument("--dtype", choices=("float32", "float64"), default="float64")
-    args = parser.parse_args(argv)
-    if args.command == "train":
+
+    def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.steps < 10:
             parser.error(f"--steps must be at least 10, got {args.steps}")
         return run_train(args.steps, args.seed, args.backend, args.dtype)
-    return 2
+
+    train.set_defaults(func=run)
+
+
+# Each command registers its own subparser and sets `func(args, parser) -> exit code`.
+COMMANDS = [register_train]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="adalora-ref", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for register in COMMANDS:
+        register(sub)
+    args = parser.parse_args(argv)
+    return args.func(args, parser)
 
 
 if __name__ == "__main__":
