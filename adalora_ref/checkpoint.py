@@ -1,0 +1,167 @@
+"""Checkpoints in peft's adapter format: adapter_config.json + adapter_model.safetensors.
+
+What peft 0.21.2's `save_pretrained` writes for an AdaLoRA adapter, and so what we write and read:
+- tensor keys `base_model.model.<module>.lora_A` / `.lora_B` / `.lora_E` (the adapter name
+  stripped), never ranknum; safetensors metadata {"format": "pt"};
+- when the config has a rank pattern (keys `<module>.lora_E`), A and E keep only the rows whose
+  flag is true and B only the matching columns; a tensor that already has the kept size is
+  written as it is;
+- `inference_mode: true` in the saved config.
+Loading builds the model with init_r everywhere, resizes each layer to its kept rows (keeping the
+old ranknum, so the scale stays that of init_r, as peft) and copies the tensors in.
+
+Writes are atomic for the checkpoint as a whole: both files are written and fsynced in a fresh
+sibling directory, which then takes the target's name by rename. If the target existed it is
+first renamed aside to `<dir>.old-<random>` and removed after the swap (other files in it are
+carried over), so a crash leaves the old checkpoint or the new one, never a mix of the two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_safetensors_bytes
+from safetensors.numpy import save as save_safetensors_bytes
+
+from ._backend import device_of, from_numpy, namespace, to_numpy
+from .config import AdaLoraConfig
+from .layer import SVDTriplet
+from .model import E_SUFFIX, AdaLoraModel, BaseLinear
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+PARTS = ("lora_A", "lora_E", "lora_B")
+
+
+def adapter_state_dict(model: AdaLoraModel) -> dict[str, np.ndarray]:
+    """The tensors peft would save for `model`, cut to the config's rank pattern, as NumPy arrays."""
+    pattern = model.layer_rank_pattern()
+    out: dict[str, np.ndarray] = {}
+    for name, triplet in model.triplets().items():
+        A, E, B = (to_numpy(getattr(triplet, p)) for p in PARTS)
+        keep = pattern.get(name)
+        if keep is not None:
+            rows = np.flatnonzero(np.asarray(keep, dtype=bool))
+            if len(rows) != A.shape[0]:  # peft cuts only tensors that still have their full rank
+                A, E = A[rows], E[rows]
+            if len(rows) != B.shape[1]:
+                B = B[:, rows]
+        for part, value in zip(PARTS, (A, E, B), strict=True):
+            out[f"{KEY_PREFIX}{name}.{part}"] = np.ascontiguousarray(value)
+    return out
+
+
+def save_adapter(model: AdaLoraModel, directory: str | os.PathLike[str]) -> Path:
+    """Write `model`'s adapter in peft's format to `directory` (created or replaced atomically)."""
+    target = Path(directory)
+    config_dict = model.config.to_dict()
+    config_dict["inference_mode"] = True
+    files = {
+        CONFIG_NAME: (json.dumps(config_dict, indent=2, sort_keys=True) + "\n").encode(),
+        WEIGHTS_NAME: save_safetensors_bytes(adapter_state_dict(model), metadata={"format": "pt"}),
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        if target.is_dir():
+            for other in target.iterdir():  # keep whatever else lives there (a README, ...)
+                if other.name not in files and other.is_file():
+                    shutil.copy2(other, staging / other.name)
+        for name, data in files.items():
+            with open(staging / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        _swap_into_place(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _swap_into_place(staging: Path, target: Path) -> None:
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{target} exists and is not a directory; refusing to replace it")
+    aside = None
+    if target.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f"{target.name}.old-", dir=target.parent))
+        os.rmdir(aside)
+        os.rename(target, aside)
+    os.rename(staging, target)
+    dir_fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def read_adapter_tensors(path: Path) -> dict[str, np.ndarray]:
+    """The tensors of an adapter_model.safetensors file; errors name the file."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file (an adapter checkpoint needs {WEIGHTS_NAME})") from None
+    try:
+        return load_safetensors_bytes(data)
+    except (SafetensorError, ValueError, OSError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupted?): {err}") from None
+
+
+def load_adapter(
+    directory: str | os.PathLike[str],
+    base_layers: Mapping[str, BaseLinear],
+    *,
+    inference_mode: bool | None = None,
+) -> AdaLoraModel:
+    """An AdaLoraModel over `base_layers` with the adapter saved in `directory` (by peft or by us).
+
+    The saved config's inference_mode is true (peft writes it so); pass inference_mode=False to
+    continue training. Every problem is a ValueError naming the file and the key.
+    """
+    root = Path(directory)
+    config = AdaLoraConfig.load_json(root / CONFIG_NAME)
+    if inference_mode is not None:
+        config.inference_mode = inference_mode
+    weights_path = root / WEIGHTS_NAME
+    tensors = read_adapter_tensors(weights_path)
+    model = AdaLoraModel(base_layers, config)
+    if config.rank_pattern:
+        try:
+            model.resize_by_rank_pattern()
+        except ValueError as err:
+            raise ValueError(f"{root / CONFIG_NAME}: rank_pattern does not fit the model: {err}") from None
+    expected = {f"{KEY_PREFIX}{n}.{p}" for n in model.adapted for p in PARTS}
+    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing:
+        raise ValueError(f"{weights_path}: missing tensor(s) {missing}")
+    if extra:
+        raise ValueError(f"{weights_path}: tensor(s) {extra} belong to no adapted layer of this model")
+    loaded = {}
+    for name, layer in model.adapted.items():
+        xp = namespace(layer.weight)
+        parts = []
+        for part in PARTS:
+            key = f"{KEY_PREFIX}{name}.{part}"
+            want = tuple(getattr(layer.triplet, part).shape)
+            value = tensors[key]
+            if value.shape != want:
+                raise ValueError(
+                    f"{weights_path}: {key} has shape {value.shape}, but the config (init_r = {config.init_r}, "
+                    f"rank pattern {config.rank_pattern and config.rank_pattern.get(name + E_SUFFIX)}) needs {want}"
+                )
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"{weights_path}: {key} holds NaN or Inf")
+            parts.append(from_numpy(xp, value, dtype=layer.weight.dtype, device=device_of(layer.weight)))
+        loaded[name] = SVDTriplet(*parts)
+    model.set_triplets(loaded)
+    return model
