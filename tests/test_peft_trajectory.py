@@ -12,9 +12,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from adalora_ref.config import AdaLoraConfig
 
 from adalora_ref._backend import get_backend
+from adalora_ref.config import AdaLoraConfig
 from adalora_ref.layer import SVDTriplet
 from adalora_ref.mlp import MLP, cross_entropy_loss, mse_loss
 from adalora_ref.model import AdaLoraModel, BaseLinear
