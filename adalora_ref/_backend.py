@@ -82,8 +82,8 @@ def dtype_name(dtype: Any) -> str:
 
 def to_numpy(x: Array) -> np.ndarray:
     """A NumPy copy (or view) of `x`, from any backend, host or GPU."""
-    if isinstance(x, np.ndarray):
-        return x
+    if isinstance(x, np.ndarray | np.generic | float | int):
+        return np.asarray(x)
     if array_api_compat.is_cupy_array(x):
         return x.get()
     if array_api_compat.is_torch_array(x):
