@@ -162,8 +162,10 @@ class AdaLoraModel:
         """Shrink every layer to the rows its pattern keeps (default: the config's rank pattern).
 
         As peft's resize_modules_by_rank_pattern: A keeps rows, E keeps rows, B keeps columns, and
-        ranknum keeps its old value so the layer's scale does not change. Quirk kept: the scaling is
-        recomputed from the new r, which matters only when lora_alpha == 0 (scaling = float(r)).
+        ranknum keeps its old value so the layer's scale does not change. Quirks kept: the scaling is
+        recomputed from the new r, which matters only when lora_alpha == 0 (scaling = float(r)); a
+        layer left with no row gets ranknum 0, because peft copies the old ranknum back only when
+        the new rank is > 0 (harmless: a layer with r = 0 adds nothing).
         The allocator is rebuilt for the new ranks.
         """
         pattern = self.layer_rank_pattern() if rank_pattern is None else dict(rank_pattern)
@@ -189,7 +191,7 @@ class AdaLoraModel:
                 resized,
                 lora_alpha=layer.lora_alpha,
                 fan_in_fan_out=layer.fan_in_fan_out,
-                ranknum=float(layer.ranknum[0]),
+                ranknum=float(layer.ranknum[0]) if resized.r > 0 else 0.0,
                 name=name,
             )
             new_layer.merged, new_layer.disable_adapters = layer.merged, layer.disable_adapters

@@ -1,0 +1,8 @@
+"""The conformance suite: golden cases from peft, the reference's answers, and the judge.
+
+case       the on-disk format of golden cases (JSON + safetensors + MANIFEST.json)
+reference  what adalora_ref answers for each case kind
+compare    judging outputs check by check, first divergence first
+port       reading a port's outputs (docs/SPEC.md, "Writing a port's outputs")
+runner     `adalora-ref conform`: runs cases, prints the table, writes the JSON report
+"""

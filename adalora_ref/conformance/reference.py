@@ -1,0 +1,241 @@
+"""The reference's answers to golden cases: `run_case(case, xp)` -> {key: value} for every check.
+
+One function per case kind reads the case's config and inputs, runs adalora_ref on backend `xp`
+in the case's dtype, and returns its outputs under the keys the checks name. A port produces the
+same keys from the same inputs (docs/SPEC.md, "Writing a port's outputs"); this module is the
+worked example of doing so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .._backend import dtype_by_name, from_numpy, to_numpy
+from ..allocator import PARTS
+from ..checkpoint import adapter_state_dict, load_adapter
+from ..config import AdaLoraConfig
+from ..layer import SVDLinear, SVDTriplet, TripletGrads, init_triplet
+from ..mlp import MLP, cross_entropy_loss, mse_loss
+from ..model import AdaLoraModel, BaseLinear
+from ..optim import AdamW
+from ..orth import orthogonal_regularizer
+from ..training import train_step
+from .case import Case
+
+Outputs = dict[str, Any]
+
+
+class _Inputs:
+    """The case's input tensors moved to backend `xp` in the case's dtype (integers stay integers)."""
+
+    def __init__(self, case: Case, xp: Any) -> None:
+        self.case, self.xp = case, xp
+        self.dtype = dtype_by_name(xp, case.dtype)
+
+    def __call__(self, name: str) -> Any:
+        value = self.case.inputs[name]
+        if np.issubdtype(value.dtype, np.integer):
+            return self.xp.asarray(value)
+        return from_numpy(self.xp, value, dtype=self.dtype)
+
+    def get(self, name: str) -> Any:
+        return self(name) if name in self.case.inputs else None
+
+    def triplet(self, prefix: str) -> SVDTriplet:
+        return SVDTriplet(*(self(f"{prefix}{part}") for part in PARTS))
+
+
+def _np(x: Any) -> np.ndarray:
+    return np.asarray(to_numpy(x))
+
+
+def run_layer(case: Case, xp: Any) -> Outputs:
+    c, get = case.config, _Inputs(case, xp)
+    layer = SVDLinear(
+        get("weight"), get.get("bias"), get.triplet(""), lora_alpha=c["lora_alpha"], fan_in_fan_out=c["fan_in_fan_out"]
+    )
+    y, cache = layer.forward(get("x"), get.get("dropout_mask"))
+    grad_x, grads = layer.backward(cache, get("grad_y"))
+    out: Outputs = {"scaling": layer.scaling, "ranknum": float(layer.ranknum[0]), "y": _np(y), "grad_x": _np(grad_x)}
+    out.update({f"grad_{part}": _np(getattr(grads, part)) for part in PARTS})
+    out["delta_weight"] = _np(layer.delta_weight())
+    layer.merge()
+    out["merged_weight"] = _np(layer.weight)
+    layer.unmerge()
+    out["unmerged_weight"] = _np(layer.weight)
+    return out
+
+
+def run_init(case: Case, xp: Any) -> Outputs:
+    c = case.config
+    t = init_triplet(
+        np.random.default_rng(c["seed"]),
+        c["r"],
+        c["in_features"],
+        c["out_features"],
+        init_lora_weights=c["init_lora_weights"],
+        xp=xp,
+        dtype=dtype_by_name(xp, case.dtype),
+    )
+    out: Outputs = {f"std.{part}": np.asarray(np.std(_np(getattr(t, part)))) for part in PARTS}
+    out.update({f"mean.{part}": np.asarray(np.mean(_np(getattr(t, part)))) for part in PARTS})
+    out["lora_E"] = _np(t.lora_E)
+    return out
+
+
+def run_orth(case: Case, xp: Any) -> Outputs:
+    get = _Inputs(case, xp)
+    names = [layer[0] for layer in case.config["layers"]]
+    triplets = []
+    for name in names:
+        A, B = get(f"{name}.lora_A"), get(f"{name}.lora_B")
+        triplets.append(SVDTriplet(A, xp.ones((A.shape[0], 1), dtype=A.dtype), B))
+    value, grads = orthogonal_regularizer(triplets, case.config["orth_reg_weight"])
+    out: Outputs = {"value": _np(value)}
+    for name, (g_A, g_B) in zip(names, grads, strict=True):
+        out[f"grad.{name}.lora_A"], out[f"grad.{name}.lora_B"] = _np(g_A), _np(g_B)
+    return out
+
+
+def _allocator_config(c: dict[str, Any]) -> AdaLoraConfig:
+    keys = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "total_step", "beta1", "beta2")
+    return AdaLoraConfig(**{k: c[k] for k in keys if k in c}, target_modules=[layer[0] for layer in c["layers"]])
+
+
+def run_schedule(case: Case, xp: Any) -> Outputs:
+    from ..allocator import budget_schedule
+
+    c = case.config
+    init_bgt, target_bgt = sum(c["layer_ranks"]), c["target_r"] * len(c["layer_ranks"])
+    out: Outputs = {"init_bgt": init_bgt, "target_bgt": target_bgt}
+    for step in c["steps"]:
+        budget, mask = budget_schedule(
+            step,
+            init_bgt=init_bgt,
+            target_bgt=target_bgt,
+            tinit=c["tinit"],
+            tfinal=c["tfinal"],
+            total_step=c["total_step"],
+            deltaT=c["deltaT"],
+        )
+        out[f"step{step}.budget"], out[f"step{step}.mask"] = budget, mask
+    return out
+
+
+def run_allocator(case: Case, xp: Any) -> Outputs:
+    """peft's AdaLoraModel.update_and_allocate driven with given parameters and gradients per step."""
+    c, get = case.config, _Inputs(case, xp)
+    dtype = dtype_by_name(xp, case.dtype)
+    config = _allocator_config(c)
+    base = {name: BaseLinear(xp.zeros((n_out, n_in), dtype=dtype)) for name, _, n_in, n_out in c["layers"]}
+    model = AdaLoraModel(base, config)
+    # layers listed with r < init_r start smaller (as if resized): keep their first r rows
+    model.resize_by_rank_pattern({name: [i < r for i in range(config.init_r)] for name, r, _, _ in c["layers"]})
+    final_step = config.total_step - config.tfinal
+    out: Outputs = {}
+    for step in range(1, c["n_steps"] + 1):
+        model.set_triplets({name: get.triplet(f"step{step}.{name}.") for name in model.adapted})
+        grads = {
+            name: TripletGrads(*(get(f"step{step}.{name}.{part}.grad") for part in PARTS)) for name in model.adapted
+        }
+        allocation = model.update_and_allocate(step, grads)
+        if step < final_step:
+            for name in model.adapted:
+                for part in PARTS:
+                    state = model.allocator.state[name][part]
+                    for quantity in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+                        out[f"step{step}.{quantity}.{name}.{part}"] = _np(getattr(state, quantity))
+        if allocation is not None:
+            out[f"step{step}.budget"] = allocation.budget
+            out[f"step{step}.masked"] = allocation.masked
+            if allocation.masked:
+                out[f"step{step}.threshold"] = np.asarray(allocation.threshold)
+                for name in model.adapted:
+                    out[f"step{step}.scores.{name}"] = _np(allocation.scores[name])
+                    out[f"step{step}.rank_pattern.{name}"] = allocation.rank_pattern[name]
+        for name, layer in model.adapted.items():
+            out[f"step{step}.lora_E.{name}"] = _np(layer.triplet.lora_E)
+    return out
+
+
+def _mlp_from_case(case: Case, xp: Any, config: AdaLoraConfig) -> MLP:
+    get = _Inputs(case, xp)
+    base = {
+        name: BaseLinear(get(f"base.{name}.weight"), get.get(f"base.{name}.bias")) for name, *_ in case.config["layers"]
+    }
+    return MLP(AdaLoraModel(base, config))
+
+
+def run_trajectory(case: Case, xp: Any) -> Outputs:
+    c, get = case.config, _Inputs(case, xp)
+    config = AdaLoraConfig(**c["adalora"])
+    net = _mlp_from_case(case, xp, config)
+    model = net.model
+    model.set_triplets({name: get.triplet(f"init.{name}.") for name in model.adapted})
+    optimizer = AdamW(lr=c["lr"])
+    loss_fn = mse_loss if c["loss"] == "mse" else cross_entropy_loss
+    final_step = config.total_step - config.tfinal
+    out: Outputs = {}
+    for step in range(1, c["n_steps"] + 1):
+        result = train_step(net, optimizer, get(f"step{step}.x"), get(f"step{step}.target"), step, loss_fn)
+        out[f"step{step}.loss"] = np.asarray(result.loss)
+        if step <= final_step and result.allocation is not None:
+            out[f"step{step}.budget"] = result.allocation.budget
+        out[f"step{step}.rank_pattern"] = config.rank_pattern
+        for name, layer in model.adapted.items():
+            out[f"step{step}.E_nonzero.{name}"] = [bool(v) for v in (_np(layer.triplet.lora_E)[:, 0] != 0)]
+            out[f"step{step}.ranknum.{name}"] = float(layer.ranknum[0])
+    for name, layer in model.adapted.items():
+        for part in PARTS:
+            out[f"final.{name}.{part}"] = _np(getattr(layer.triplet, part))
+    out.update({f"saved.{key}": value for key, value in adapter_state_dict(model).items()})
+    return out
+
+
+def run_checkpoint(case: Case, xp: Any) -> Outputs:
+    get = _Inputs(case, xp)
+    base = {
+        name: BaseLinear(get(f"base.{name}.weight"), get.get(f"base.{name}.bias")) for name, *_ in case.config["layers"]
+    }
+    directory = next(iter(case.files.values())).parent
+    model = load_adapter(directory, base)
+    out: Outputs = {"y": _np(MLP(model).forward(get("x"))[0])}
+    for name, layer in model.adapted.items():
+        out[f"r.{name}"], out[f"ranknum.{name}"] = layer.r, float(layer.ranknum[0])
+    return out
+
+
+def run_config(case: Case, xp: Any) -> Outputs:
+    out: Outputs = {}
+    for i, entry in enumerate(case.config["entries"]):
+        try:
+            config = AdaLoraConfig(**entry["kwargs"])
+        except ValueError:
+            out[f"entry{i}.valid"] = False
+            continue
+        out[f"entry{i}.valid"] = True
+        saved = config.to_dict()
+        out[f"entry{i}.adapter_config"] = {k: saved.get(k) for k in entry["compare_fields"]}
+    return out
+
+
+RUNNERS: dict[str, Callable[[Case, Any], Outputs]] = {
+    "layer": run_layer,
+    "init": run_init,
+    "orth": run_orth,
+    "schedule": run_schedule,
+    "allocator": run_allocator,
+    "trajectory": run_trajectory,
+    "checkpoint": run_checkpoint,
+    "config": run_config,
+}
+
+
+def run_case(case: Case, xp: Any) -> Outputs:
+    """The reference's outputs for `case` on backend `xp`."""
+    if case.kind not in RUNNERS:
+        raise ValueError(f"case {case.id}: unknown kind {case.kind!r}; known: {', '.join(RUNNERS)}")
+    return RUNNERS[case.kind](case, xp)
