@@ -1,5 +1,6 @@
 """The `adalora-ref` command.
 
+    adalora-ref conform [--cases DIR] [--port DIR] [--json FILE]
     adalora-ref train [--steps N] [--seed S] [--backend numpy|array_api_strict|torch|cupy] [--dtype ...]
 
 `train` runs AdaLoRA on a small regression MLP for N steps in peft's call order and prints the
@@ -17,6 +18,7 @@ import numpy as np
 
 from ._backend import BACKENDS, dtype_by_name, from_numpy, get_backend
 from .config import AdaLoraConfig
+from .conformance.runner import register_conform
 from .mlp import MLP, mse_loss
 from .model import AdaLoraModel, BaseLinear
 from .optim import AdamW
@@ -81,7 +83,7 @@ def register_train(sub: argparse._SubParsersAction) -> None:
 
 
 # Each command registers its own subparser and sets `func(args, parser) -> exit code`.
-COMMANDS = [register_train]
+COMMANDS = [register_conform, register_train]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
