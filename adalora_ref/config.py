@@ -71,9 +71,7 @@ PEFT_EXTRA_DEFAULTS: dict[str, Any] = {
     "velora_config": None,
 }
 # Extra fields that describe the file, not the computation: other values are kept without a warning.
-_BOOKKEEPING_FIELDS = frozenset(
-    {"auto_mapping", "megatron_core", "peft_version", "qalora_group_size", "revision"}
-)
+_BOOKKEEPING_FIELDS = frozenset({"auto_mapping", "megatron_core", "peft_version", "qalora_group_size", "revision"})
 
 _PEFT_TOTAL_STEP = "AdaLoRA does not work when `total_step` is None, supply a value > 0."
 _PEFT_SCHEDULE = (
@@ -162,8 +160,7 @@ class AdaLoraConfig:
             self.orth_reg_weight,
             "a finite number >= 0",
             lambda w: w >= 0,
-            "`orth_reg_weight` should be greater than or equal to 0, "
-            f"but the value passed is {self.orth_reg_weight}",
+            f"`orth_reg_weight` should be greater than or equal to 0, but the value passed is {self.orth_reg_weight}",
         )
 
     def _check_lora_fields(self) -> None:
@@ -217,9 +214,7 @@ class AdaLoraConfig:
         self.target_modules = _names_or_regex("target_modules", self.target_modules)
         self.exclude_modules = _names_or_regex("exclude_modules", self.exclude_modules)
         if self.modules_to_save is not None:
-            self.modules_to_save = _string_list(
-                "modules_to_save", self.modules_to_save, "a list of strings or None"
-            )
+            self.modules_to_save = _string_list("modules_to_save", self.modules_to_save, "a list of strings or None")
         self.layers_to_transform = _layer_indexes(self.layers_to_transform)
         if self.layers_pattern is not None and not isinstance(self.layers_pattern, str):
             self.layers_pattern = _string_list(
@@ -277,9 +272,7 @@ class AdaLoraConfig:
                 _warn(f"AdaLoraConfig.extra['loftq_config']={value!r} is dropped: {_PEFT_LOFTQ_IGNORED}")
                 continue
             if key not in PEFT_EXTRA_DEFAULTS:
-                _warn(
-                    f"AdaLoraConfig.extra[{key!r}] is not a peft {PEFT_VERSION} field; kept and written back."
-                )
+                _warn(f"AdaLoraConfig.extra[{key!r}] is not a peft {PEFT_VERSION} field; kept and written back.")
             elif key not in _BOOKKEEPING_FIELDS:
                 _warn(
                     f"AdaLoraConfig.extra[{key!r}]={value!r} is a LoRA option that AdaLoRA's SVD layers "
@@ -350,9 +343,7 @@ class AdaLoraConfig:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
-            raise ValueError(
-                f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}"
-            ) from err
+            raise ValueError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
         except UnicodeDecodeError as err:
             raise ValueError(f"{path}: not UTF-8 text: {err}") from err
         if not isinstance(data, dict):
@@ -391,9 +382,7 @@ def is_target(config: AdaLoraConfig, name: str) -> bool:
             "(peft falls back to a per-architecture table this reference does not have)"
         )
     if isinstance(targets, str) and targets.lower() == "all-linear":
-        raise ValueError(
-            "AdaLoraConfig.target_modules='all-linear' needs the module types; list the names instead"
-        )
+        raise ValueError("AdaLoraConfig.target_modules='all-linear' needs the module types; list the names instead")
     if not name:
         return False
     if config.exclude_modules and matches_module_list_or_regex(config.exclude_modules, name):
