@@ -424,11 +424,9 @@ def gen_allocator(spec: tuple, dtype: str, seed: int) -> Case:
             record(c, exact(f"step{step}.budget", "budget", step=step), budget)
             masked = bool(mask_ind) or step == final_step
             record(c, exact(f"step{step}.masked", "masking flag", step=step), masked)
-            if masked:
+            if masked:  # in the order they are computed: scores, threshold, then the decisions
                 ((scores, _k, threshold),) = captured
-                record(c, tensor(f"step{step}.threshold", "threshold", step=step), np.asarray(threshold, dtype=dtype))
                 offset = 0
-                pattern = model.peft_config["default"].rank_pattern
                 for n, r, _, _ in layers:
                     record(
                         c,
@@ -436,6 +434,9 @@ def gen_allocator(spec: tuple, dtype: str, seed: int) -> Case:
                         t2n(scores[offset : offset + r]),
                     )
                     offset += r
+                record(c, tensor(f"step{step}.threshold", "threshold", step=step), np.asarray(threshold, dtype=dtype))
+                pattern = model.peft_config["default"].rank_pattern
+                for n, *_ in layers:
                     record(
                         c,
                         exact(f"step{step}.rank_pattern.{n}", "rank pattern", step=step, layer=n),

@@ -43,14 +43,15 @@ def read_port_outputs(port_dir: Path, case: Case) -> dict[str, Any]:
 
 
 def write_port_outputs(port_dir: Path, case: Case, outputs: dict[str, Any]) -> None:
-    """Write outputs in the port format (used by tests and as an example for port authors)."""
+    """Write the outputs the case checks, in the port format (used by tests; an example for port authors)."""
     tensor_keys = {c.key for c in case.checks if c.type == "tensor"}
     tensors = {}
     for k, v in outputs.items():
         if k in tensor_keys:
             array = np.asarray(v)
             tensors[k] = np.ascontiguousarray(array.reshape(1) if array.ndim == 0 else array)
-    values = {k: v for k, v in outputs.items() if k not in tensor_keys}
+    exact_keys = {c.key for c in case.checks if c.type == "exact"}
+    values = {k: v for k, v in outputs.items() if k in exact_keys}
     base = port_dir / case.id
     base.parent.mkdir(parents=True, exist_ok=True)
     if tensors:
