@@ -29,7 +29,7 @@ def test_readme_quick_start_commands_are_the_ci_commands() -> None:
     ci = (Path(__file__).parents[1] / ".ci" / "run").read_text()
     assert 'pip install ".[test,golden]" && python -m pytest' in text
     assert "python -m pytest\n" in ci and '".[test,golden]"' in ci
-    assert "pip install . && adalora-ref train" in text
+    assert "pip install . && adalora-ref conform" in text
 
 
 def test_cli_train_prints_budget_and_rank_pattern(capsys: pytest.CaptureFixture[str]) -> None:
