@@ -41,11 +41,11 @@ KEY_PREFIX = "base_model.model."
 PARTS = ("lora_A", "lora_E", "lora_B")
 
 
-def adapter_state_dict(model: AdaLoraModel) -> dict[str, np.ndarray]:
-    """The tensors peft would save for `model`, cut to the config's rank pattern, as NumPy arrays."""
-    pattern = model.layer_rank_pattern()
+def adapter_state_dict(model: AdaLoraModel, adapter_name: str | None = None) -> dict[str, np.ndarray]:
+    """The tensors peft would save for the adapter (default: the trainable one), cut to its rank pattern."""
+    pattern = model.layer_rank_pattern(adapter_name)
     out: dict[str, np.ndarray] = {}
-    for name, triplet in model.triplets().items():
+    for name, triplet in model.triplets(adapter_name).items():
         A, E, B = (to_numpy(getattr(triplet, p)) for p in PARTS)
         keep = pattern.get(name)
         if keep is not None:
@@ -59,14 +59,19 @@ def adapter_state_dict(model: AdaLoraModel) -> dict[str, np.ndarray]:
     return out
 
 
-def save_adapter(model: AdaLoraModel, directory: str | os.PathLike[str]) -> Path:
-    """Write `model`'s adapter in peft's format to `directory` (created or replaced atomically)."""
+def save_adapter(model: AdaLoraModel, directory: str | os.PathLike[str], adapter_name: str | None = None) -> Path:
+    """Write one adapter of `model` (default: the trainable one) in peft's format to `directory`,
+    created or replaced atomically. (peft's save_pretrained puts the adapter "default" in the
+    directory itself and any other adapter in a subdirectory named after it: pass that path.)"""
     target = Path(directory)
-    config_dict = model.config.to_dict()
+    name = adapter_name or model.trainable_adapter_name or next(iter(model.peft_config))
+    if name not in model.peft_config:
+        raise ValueError(f"no adapter named {name!r}; adapters are {list(model.peft_config)}")
+    config_dict = model.peft_config[name].to_dict()
     config_dict["inference_mode"] = True
     files = {
         CONFIG_NAME: (json.dumps(config_dict, indent=2, sort_keys=True) + "\n").encode(),
-        WEIGHTS_NAME: save_safetensors_bytes(adapter_state_dict(model), metadata={"format": "pt"}),
+        WEIGHTS_NAME: save_safetensors_bytes(adapter_state_dict(model, name), metadata={"format": "pt"}),
     }
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -117,10 +122,17 @@ def read_adapter_tensors(path: Path) -> dict[str, np.ndarray]:
         raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupted?): {err}") from None
 
 
+def read_adapter(directory: str | os.PathLike[str]) -> tuple[AdaLoraConfig, dict[str, np.ndarray]]:
+    """The config and tensors of a saved adapter; errors name the file."""
+    root = Path(directory)
+    return AdaLoraConfig.load_json(root / CONFIG_NAME), read_adapter_tensors(root / WEIGHTS_NAME)
+
+
 def load_adapter(
     directory: str | os.PathLike[str],
     base_layers: Mapping[str, BaseLinear],
     *,
+    adapter_name: str = "default",
     inference_mode: bool | None = None,
 ) -> AdaLoraModel:
     """An AdaLoraModel over `base_layers` with the adapter saved in `directory` (by peft or by us).
@@ -128,31 +140,47 @@ def load_adapter(
     The saved config's inference_mode is true (peft writes it so); pass inference_mode=False to
     continue training. Every problem is a ValueError naming the file and the key.
     """
-    root = Path(directory)
-    config = AdaLoraConfig.load_json(root / CONFIG_NAME)
+    config, tensors = read_adapter(directory)
     if inference_mode is not None:
         config.inference_mode = inference_mode
-    weights_path = root / WEIGHTS_NAME
-    tensors = read_adapter_tensors(weights_path)
-    model = AdaLoraModel(base_layers, config)
+    model = AdaLoraModel(base_layers, config, adapter_name=adapter_name)
+    _fill(model, adapter_name, tensors, Path(directory))
+    return model
+
+
+def add_saved_adapter(
+    model: AdaLoraModel, directory: str | os.PathLike[str], adapter_name: str, *, inference_mode: bool = True
+) -> None:
+    """Add the adapter saved in `directory` to `model` under `adapter_name` (peft's PeftModel.load_adapter)."""
+    config, tensors = read_adapter(directory)
+    config.inference_mode = inference_mode
+    model.add_adapter(adapter_name, config)
+    _fill(model, adapter_name, tensors, Path(directory))
+
+
+def _fill(model: AdaLoraModel, adapter_name: str, tensors: dict[str, np.ndarray], root: Path) -> None:
+    """Resize the new adapter to its rank pattern (keeping ranknum) and copy the saved tensors in."""
+    config = model.peft_config[adapter_name]
     if config.rank_pattern:
         try:
-            model.resize_by_rank_pattern()
+            model.resize_by_rank_pattern(adapter_name=adapter_name)
         except ValueError as err:
             raise ValueError(f"{root / CONFIG_NAME}: rank_pattern does not fit the model: {err}") from None
-    expected = {f"{KEY_PREFIX}{n}.{p}" for n in model.adapted for p in PARTS}
+    weights_path = root / WEIGHTS_NAME
+    triplets = model.triplets(adapter_name)
+    expected = {f"{KEY_PREFIX}{n}.{p}" for n in triplets for p in PARTS}
     missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing:
         raise ValueError(f"{weights_path}: missing tensor(s) {missing}")
     if extra:
         raise ValueError(f"{weights_path}: tensor(s) {extra} belong to no adapted layer of this model")
     loaded = {}
-    for name, layer in model.adapted.items():
-        xp = namespace(layer.weight)
+    for name, triplet in triplets.items():
+        weight = model.adapted[name].weight
         parts = []
         for part in PARTS:
             key = f"{KEY_PREFIX}{name}.{part}"
-            want = tuple(getattr(layer.triplet, part).shape)
+            want = tuple(getattr(triplet, part).shape)
             value = tensors[key]
             if value.shape != want:
                 raise ValueError(
@@ -161,7 +189,6 @@ def load_adapter(
                 )
             if not np.all(np.isfinite(value)):
                 raise ValueError(f"{weights_path}: {key} holds NaN or Inf")
-            parts.append(from_numpy(xp, value, dtype=layer.weight.dtype, device=device_of(layer.weight)))
+            parts.append(from_numpy(namespace(weight), value, dtype=weight.dtype, device=device_of(weight)))
         loaded[name] = SVDTriplet(*parts)
-    model.set_triplets(loaded)
-    return model
+    model.set_triplets(loaded, adapter_name)

@@ -114,22 +114,42 @@ def init_triplet(
 
 
 @dataclass
+class LoraAdapter:
+    """One AdaLoRA adapter on one layer: its triplet and its constant scale.
+
+    scaling = lora_alpha if lora_alpha > 0 else float(r) (peft; NOT lora_alpha / r), and
+    ranknum (a one-element array of the parameters' dtype) is the initial r: masking never changes it.
+    """
+
+    triplet: SVDTriplet
+    lora_alpha: float
+    scaling: float
+    ranknum: Array  # (1,)
+
+    def denominator(self) -> Array:
+        """ranknum + 1e-5, in the parameters' dtype (so rounded to float32 in float32, as in peft)."""
+        return self.ranknum + RANKNUM_EPS
+
+
+@dataclass
 class ForwardCache:
     """What the backward pass needs from the forward pass of one SVDLinear call."""
 
     x_shape: tuple[int, ...]
     x2d: Array  # (n, in), the input with its leading dimensions flattened
-    xd2d: Array | None  # (n, in), dropout(x); None when the adapter took no part
-    u: Array | None  # (n, r), xd2d @ (A * E).T
+    xd2d: Array | None  # (n, in), dropout(x); None when no adapter took part
+    u: dict[str, Array]  # adapter name -> (n, r), xd2d @ (A * E).T, for every adapter that took part
     dropout_mask: Array | None  # (n, in) or None
 
 
 class SVDLinear:
-    """A frozen base linear layer plus one trainable AdaLoRA triplet.
+    """A frozen base linear layer plus one or more AdaLoRA adapters (peft's SVDLinear).
 
     State: the base `weight` ((out, in), or (in, out) with fan_in_fan_out) and `bias` (out,) or
-    None, the `triplet`, the constant `scaling` and `ranknum`, and the flags `merged` and
-    `disable_adapters`. Math lives in `forward`, `backward` and `delta_weight`.
+    None; `adapters` by name; `active_adapters` (the forward sums them); `trainable_adapter` (the
+    one whose gradients `backward` returns); `merged_adapters`; the flag `disable_adapters`.
+    `triplet`, `scaling`, `ranknum`, `lora_alpha` and `r` are those of the trainable adapter (or of
+    the first adapter when none is trainable).
     """
 
     def __init__(
@@ -142,9 +162,10 @@ class SVDLinear:
         fan_in_fan_out: bool = False,
         ranknum: float | None = None,
         name: str = "layer",
+        adapter_name: str = "default",
     ) -> None:
         self.name = name
-        xp = namespace(weight, bias, triplet.lora_A, triplet.lora_E, triplet.lora_B)
+        namespace(weight, bias)
         dtype_name_or_raise(f"{name}.weight", weight)
         if len(weight.shape) != 2:
             raise ValueError(f"{name}.weight must be 2-D, got shape {tuple(weight.shape)}")
@@ -158,32 +179,78 @@ class SVDLinear:
         if bias is not None:
             check_shape(f"{name}.bias", bias, (self.out_features,))
             check_dtype(f"{name}.bias", bias, weight.dtype)
-        r = triplet.r
-        check_shape(f"{name}.lora_A", triplet.lora_A, (r, self.in_features))
-        check_shape(f"{name}.lora_E", triplet.lora_E, (r, 1))
-        check_shape(f"{name}.lora_B", triplet.lora_B, (self.out_features, r))
-        for part in ("lora_A", "lora_E", "lora_B"):
-            check_dtype(f"{name}.{part}", getattr(triplet, part), weight.dtype)
         self.weight = weight
         self.bias = bias
-        self.triplet = triplet
-        self.lora_alpha = lora_alpha
-        # peft: scaling = lora_alpha if lora_alpha > 0 else float(r). Not lora_alpha / r.
-        self.scaling = lora_alpha if lora_alpha > 0 else float(r)
-        # peft keeps ranknum as a one-element tensor of the parameters' dtype, equal to the initial r.
-        # Masking never changes it; resizing copies the old value back (see model.resize_by_rank_pattern).
-        initial = float(r) if ranknum is None else float(ranknum)
-        self.ranknum = xp.asarray([initial], dtype=weight.dtype, device=device_of(weight))
-        self.merged = False
+        self.adapters: dict[str, LoraAdapter] = {}
+        self.add_adapter(adapter_name, triplet, lora_alpha=lora_alpha, ranknum=ranknum)
+        self.active_adapters = [adapter_name]
+        self.trainable_adapter: str | None = adapter_name
+        self.merged_adapters: list[str] = []
         self.disable_adapters = False
+
+    # -- adapters -----------------------------------------------------------------------------
+
+    def add_adapter(self, adapter_name: str, triplet: SVDTriplet, *, lora_alpha: float, ranknum: float | None = None):
+        """Add (or replace) an adapter; it is not made active. ranknum defaults to the triplet's r."""
+        where = f"{self.name}[{adapter_name}]"
+        namespace(self.weight, triplet.lora_A, triplet.lora_E, triplet.lora_B)
+        r = triplet.r
+        check_shape(f"{where}.lora_A", triplet.lora_A, (r, self.in_features))
+        check_shape(f"{where}.lora_E", triplet.lora_E, (r, 1))
+        check_shape(f"{where}.lora_B", triplet.lora_B, (self.out_features, r))
+        for part in ("lora_A", "lora_E", "lora_B"):
+            check_dtype(f"{where}.{part}", getattr(triplet, part), self.weight.dtype)
+        xp = namespace(self.weight)
+        initial = float(r) if ranknum is None else float(ranknum)
+        self.adapters[adapter_name] = LoraAdapter(
+            triplet=triplet,
+            lora_alpha=lora_alpha,
+            # peft: scaling = lora_alpha if lora_alpha > 0 else float(r). Not lora_alpha / r.
+            scaling=lora_alpha if lora_alpha > 0 else float(r),
+            # peft keeps ranknum as a one-element tensor of the parameters' dtype, equal to the initial r.
+            ranknum=xp.asarray([initial], dtype=self.weight.dtype, device=device_of(self.weight)),
+        )
+
+    def _main(self) -> LoraAdapter:
+        """The trainable adapter, or the first adapter when none is trainable (an inference model)."""
+        if self.trainable_adapter in self.adapters:
+            return self.adapters[self.trainable_adapter]
+        return next(iter(self.adapters.values()))
+
+    @property
+    def triplet(self) -> SVDTriplet:
+        return self._main().triplet
+
+    @triplet.setter
+    def triplet(self, triplet: SVDTriplet) -> None:
+        main = self._main()
+        before = main.triplet
+        for part in ("lora_A", "lora_E", "lora_B"):
+            check_shape(f"{self.name}.{part}", getattr(triplet, part), tuple(getattr(before, part).shape))
+            check_dtype(f"{self.name}.{part}", getattr(triplet, part), self.weight.dtype)
+        main.triplet = triplet
+
+    @property
+    def scaling(self) -> float:
+        return self._main().scaling
+
+    @property
+    def ranknum(self) -> Array:
+        return self._main().ranknum
+
+    @property
+    def lora_alpha(self) -> float:
+        return self._main().lora_alpha
 
     @property
     def r(self) -> int:
         return self.triplet.r
 
-    def _lora_scale_denominator(self) -> Array:
-        # In float32 this sum is rounded to float32, as in peft.
-        return self.ranknum + RANKNUM_EPS
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    # -- forward and backward -----------------------------------------------------------------
 
     def _check_input(self, x: Array, dropout_mask: Array | None) -> None:
         namespace(x, self.weight, dropout_mask)
@@ -198,7 +265,7 @@ class SVDLinear:
             check_dtype(f"{self.name} dropout_mask", dropout_mask, self.weight.dtype)
 
     def forward(self, x: Array, dropout_mask: Array | None = None) -> tuple[Array, ForwardCache]:
-        """y = base(x) + (dropout(x) @ (A * E).T @ B.T) * scaling / (ranknum + 1e-5).
+        """y = base(x) + sum over active adapters of (dropout(x) @ (A * E).T @ B.T) * scaling / (ranknum + 1e-5).
 
         x: (..., in) with any number of leading dimensions (1-D included).
         dropout_mask: None (no dropout: evaluation, or lora_dropout == 0) or the array that torch's
@@ -206,7 +273,7 @@ class SVDLinear:
         Returns y (..., out) and the cache for `backward`.
 
         As peft: with adapters disabled a merged layer is unmerged first, then only the base layer
-        runs; a merged layer runs only the (merged) base layer.
+        runs; while any adapter is merged only the (merged) base layer runs, active adapters or not.
         """
         self._check_input(x, dropout_mask)
         xp = namespace(x)
@@ -214,31 +281,36 @@ class SVDLinear:
             self.unmerge()
         x2d = xp.reshape(x, (-1, self.in_features))  # (n, in)
         y = linear_forward(x2d, self.weight, self.bias, self.fan_in_fan_out)  # (n, out)
-        cache = ForwardCache(tuple(x.shape), x2d, None, None, None)
+        cache = ForwardCache(tuple(x.shape), x2d, None, {}, None)
         if not (self.disable_adapters or self.merged):
-            A, E, B = self.triplet.lora_A, self.triplet.lora_E, self.triplet.lora_B
             mask2d = None if dropout_mask is None else xp.reshape(dropout_mask, (-1, self.in_features))
             xd2d = x2d if mask2d is None else x2d * mask2d  # (n, in)
-            u = xd2d @ xp.matrix_transpose(A * E)  # (n, r)
-            v = u @ xp.matrix_transpose(B)  # (n, out)
-            y = y + (v * self.scaling) / self._lora_scale_denominator()
-            cache = ForwardCache(tuple(x.shape), x2d, xd2d, u, mask2d)
+            cache = ForwardCache(tuple(x.shape), x2d, xd2d, {}, mask2d)
+            for adapter_name in self.active_adapters:
+                if adapter_name not in self.adapters:  # as peft: an active adapter this layer lacks is skipped
+                    continue
+                adapter = self.adapters[adapter_name]
+                A, E, B = adapter.triplet.lora_A, adapter.triplet.lora_E, adapter.triplet.lora_B
+                u = xd2d @ xp.matrix_transpose(A * E)  # (n, r)
+                v = u @ xp.matrix_transpose(B)  # (n, out)
+                y = y + (v * adapter.scaling) / adapter.denominator()
+                cache.u[adapter_name] = u
         out_shape = (*cache.x_shape[:-1], self.out_features)
         return xp.reshape(y, out_shape), cache
 
     def backward(self, cache: ForwardCache, grad_y: Array) -> tuple[Array, TripletGrads | None]:
-        """From dL/dy (..., out): dL/dx (..., in) and the triplet's gradients.
+        """From dL/dy (..., out): dL/dx (..., in) and the trainable adapter's gradients.
 
-        The chain rule, with s = scaling and d = ranknum + 1e-5, written in torch autograd's order:
+        The chain rule for one adapter, with s = scaling and d = ranknum + 1e-5, in torch autograd's order:
             g_v  = (g / d) * s                  # (n, out)  through y = base + (v * s) / d
             g_B  = g_v.T @ u                    # (out, r)  through v = u @ B.T
             g_u  = g_v @ B                      # (n, r)
             g_AE = g_u.T @ xd                   # (r, in)   through u = xd @ (A * E).T
             g_A  = g_AE * E                     # (r, in)
             g_E  = sum_j g_AE[:, j] * A[:, j]   # (r, 1)
-            g_x  = g @ W + (g_u @ (A * E)) * dropout_mask
-        The triplet's gradients are None when the adapter took no part (merged or disabled), as
-        torch leaves `.grad` None then.
+            g_x  = g @ W + (sum over adapters of g_u @ (A * E)) * dropout_mask
+        The triplet's gradients are None when the trainable adapter took no part (not active, merged
+        or disabled), as torch leaves `.grad` None then; inference adapters get none.
         """
         xp = namespace(grad_y)
         out_shape = (*cache.x_shape[:-1], self.out_features)
@@ -247,51 +319,66 @@ class SVDLinear:
         g = xp.reshape(grad_y, (-1, self.out_features))  # (n, out)
         grad_x = linear_input_grad(g, self.weight, self.fan_in_fan_out)  # (n, in)
         grads = None
-        if cache.u is not None and cache.xd2d is not None:
-            A, E, B = self.triplet.lora_A, self.triplet.lora_E, self.triplet.lora_B
-            g_v = (g / self._lora_scale_denominator()) * self.scaling  # (n, out)
-            g_B = xp.matrix_transpose(g_v) @ cache.u  # (out, r)
+        g_xd = None
+        for adapter_name, u in cache.u.items():
+            adapter = self.adapters[adapter_name]
+            A, E, B = adapter.triplet.lora_A, adapter.triplet.lora_E, adapter.triplet.lora_B
+            g_v = (g / adapter.denominator()) * adapter.scaling  # (n, out)
             g_u = g_v @ B  # (n, r)
-            g_AE = xp.matrix_transpose(g_u) @ cache.xd2d  # (r, in)
-            g_A = g_AE * E  # (r, in)
-            g_E = xp.sum(g_AE * A, axis=1, keepdims=True)  # (r, 1)
-            g_xd = g_u @ (A * E)  # (n, in)
+            term = g_u @ (A * E)  # (n, in)
+            g_xd = term if g_xd is None else g_xd + term
+            if adapter_name == self.trainable_adapter:
+                g_B = xp.matrix_transpose(g_v) @ u  # (out, r)
+                g_AE = xp.matrix_transpose(g_u) @ cache.xd2d  # (r, in)
+                g_A = g_AE * E  # (r, in)
+                g_E = xp.sum(g_AE * A, axis=1, keepdims=True)  # (r, 1)
+                grads = TripletGrads(lora_A=g_A, lora_E=g_E, lora_B=g_B)
+        if g_xd is not None:
             grad_x = grad_x + (g_xd if cache.dropout_mask is None else g_xd * cache.dropout_mask)
-            grads = TripletGrads(lora_A=g_A, lora_E=g_E, lora_B=g_B)
         return xp.reshape(grad_x, cache.x_shape), grads
 
-    def delta_weight(self) -> Array:
-        """B @ (A * E) * scaling / (ranknum + 1e-5), shaped as the base weight."""
+    # -- merging ------------------------------------------------------------------------------
+
+    def delta_weight(self, adapter_name: str | None = None) -> Array:
+        """B @ (A * E) * scaling / (ranknum + 1e-5), shaped as the base weight (default: trainable adapter)."""
         xp = namespace(self.weight)
-        A, E, B = self.triplet.lora_A, self.triplet.lora_E, self.triplet.lora_B
+        adapter = self._main() if adapter_name is None else self.adapters[adapter_name]
+        A, E, B = adapter.triplet.lora_A, adapter.triplet.lora_E, adapter.triplet.lora_B
         delta = B @ (A * E)  # (out, in)
         if self.fan_in_fan_out:
             delta = xp.matrix_transpose(delta)  # (in, out)
-        return delta * self.scaling / self._lora_scale_denominator()
+        return delta * adapter.scaling / adapter.denominator()
 
-    def merge(self, safe_merge: bool = False) -> None:
-        """Add the delta weight into the base weight.
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the delta weights of `adapter_names` (default: the active adapters) into the base weight.
 
-        safe_merge=True computes the merged weight aside and raises ValueError, leaving the base
-        weight untouched, when it holds NaN or Inf. Merging a merged layer does nothing (with a
-        warning), as in peft.
+        safe_merge=True computes each merged weight aside and raises ValueError, leaving the base
+        weight untouched, when it holds NaN or Inf. Already merged adapters are skipped with a
+        warning, as in peft.
         """
-        if self.merged:
-            warnings.warn(f"{self.name}: already merged, nothing to do", UserWarning, stacklevel=2)
-            return
-        merged = self.weight + self.delta_weight()
-        if safe_merge:
-            try:
-                check_finite(f"{self.name}: merged weight", merged)
-            except ValueError as err:
-                raise ValueError(f"{err}; the adapter of {self.name} seems to be broken") from None
-        self.weight = merged
-        self.merged = True
+        if adapter_names is None:
+            adapter_names = [n for n in self.active_adapters if n in self.adapters]
+        names = list(adapter_names)
+        unknown = [n for n in names if n not in self.adapters]
+        if unknown:
+            raise ValueError(f"{self.name}: no adapter named {unknown}; adapters are {list(self.adapters)}")
+        already = [n for n in names if n in self.merged_adapters]
+        if already:
+            warnings.warn(f"{self.name}: already merged {already}, nothing to do for them", UserWarning, stacklevel=2)
+        for adapter_name in (n for n in names if n not in self.merged_adapters):
+            merged = self.weight + self.delta_weight(adapter_name)
+            if safe_merge:
+                try:
+                    check_finite(f"{self.name}: merged weight", merged)
+                except ValueError as err:
+                    raise ValueError(f"{err}; the adapter {adapter_name} of {self.name} seems to be broken") from None
+            self.weight = merged
+            self.merged_adapters.append(adapter_name)
 
     def unmerge(self) -> None:
-        """Subtract the delta weight from the base weight; warns and does nothing when not merged."""
+        """Subtract every merged adapter's delta weight, last merged first; warns when none is merged."""
         if not self.merged:
             warnings.warn(f"{self.name}: already unmerged, nothing to do", UserWarning, stacklevel=2)
             return
-        self.weight = self.weight - self.delta_weight()
-        self.merged = False
+        while self.merged_adapters:
+            self.weight = self.weight - self.delta_weight(self.merged_adapters.pop())

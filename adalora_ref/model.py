@@ -1,19 +1,20 @@
-"""A model of named linear layers with AdaLoRA on the targeted ones, and peft's training lifecycle.
+"""A model of named linear layers with AdaLoRA adapters on the targeted ones, and peft's lifecycle.
 
-`AdaLoraModel` holds base linear layers by name (weight, optional bias). The ones that the
-config's `target_modules` selects (peft's matching, see config.is_target) are wrapped in
+`AdaLoraModel` holds base linear layers by name (weight, optional bias). The layers an adapter's
+config targets (`target_modules`, peft's matching, see config.is_target) are wrapped in
 `SVDLinear` with r = init_r and the config's lora_alpha, in the order the layers were given (peft
-wraps in the order of `named_modules()`, which is the definition order). It owns:
+wraps in the order of `named_modules()`, which is the definition order).
 
-- `update_and_allocate(global_step, grads)`, peft's `AdaLoraModel.update_and_allocate`, the three
-  phases:
+Adapters, as peft: one trainable adapter (its config has inference_mode False) plus any number in
+inference mode; adding a second trainable one is refused with peft's error. The forward sums the
+active adapters (`set_adapter`); the allocator and the orthogonal term see only the trainable one.
+
+The lifecycle, `update_and_allocate(global_step, grads)`, is peft's AdaLoraModel.update_and_allocate:
     global_step <  total_step - tfinal: update importance, schedule, mask when the schedule says
                                          so; a rank pattern that comes back is stored in the config.
     global_step == total_step - tfinal: no importance update; mask with force to target_bgt; store
                                          the final rank pattern; reset the importance state.
     global_step >  total_step - tfinal: re-apply the stored rank pattern (zero the pruned E rows).
-- `resize_by_rank_pattern`: each layer keeps only its kept rows and keeps its old ranknum.
-- the orthogonal regularizer over its triplets.
 
 Rank pattern keys are `<module>.lora_E`, as peft writes them in adapter_config.json (peft keeps
 `<module>.lora_E.<adapter>` in memory during training and strips the adapter name on save).
@@ -34,6 +35,10 @@ from .layer import SVDLinear, SVDTriplet, TripletGrads, init_triplet
 from .orth import orthogonal_regularizer
 
 E_SUFFIX = ".lora_E"
+PEFT_ONE_TRAINABLE = (
+    "AdaLoraModel supports only 1 trainable adapter. When using multiple adapters, set inference_mode to True "
+    "for all adapters except the one you want to train."
+)
 
 
 @dataclass
@@ -45,88 +50,148 @@ class BaseLinear:
 
 
 class AdaLoraModel:
-    """Named linear layers; the targeted ones carry a trainable AdaLoRA triplet."""
+    """Named linear layers; the targeted ones carry AdaLoRA adapters."""
 
     def __init__(
-        self, base_layers: Mapping[str, BaseLinear], config: AdaLoraConfig, rng: np.random.Generator | None = None
+        self,
+        base_layers: Mapping[str, BaseLinear],
+        config: AdaLoraConfig,
+        rng: np.random.Generator | None = None,
+        adapter_name: str = "default",
     ) -> None:
         if not base_layers:
             raise ValueError("AdaLoraModel needs at least one base layer")
-        self.config = config
-        rng = np.random.default_rng(0) if rng is None else rng
-        self.base: dict[str, BaseLinear] = {}
-        self.adapted: dict[str, SVDLinear] = {}
         for name, base in base_layers.items():
             dtype_name_or_raise(f"{name}.weight", base.weight)
-            if not is_target(config, name):
-                self.base[name] = base
-                continue
-            xp = namespace(base.weight)
-            rows, cols = base.weight.shape
-            n_in, n_out = (rows, cols) if config.fan_in_fan_out else (cols, rows)
-            triplet = init_triplet(
-                rng,
-                config.init_r,
-                n_in,
-                n_out,
-                init_lora_weights=config.init_lora_weights,
-                xp=xp,
-                dtype=base.weight.dtype,
-                device=device_of(base.weight),
-            )
-            self.adapted[name] = SVDLinear(
-                base.weight,
-                base.bias,
-                triplet,
-                lora_alpha=config.lora_alpha,
-                fan_in_fan_out=config.fan_in_fan_out,
-                name=name,
-            )
-        if not self.adapted:
-            raise ValueError(f"target_modules {config.target_modules!r} matched none of the layers {list(base_layers)}")
         self.names = list(base_layers)
-        self.allocator = None
+        self.base: dict[str, BaseLinear] = dict(base_layers)  # the layers no adapter targets
+        self.adapted: dict[str, SVDLinear] = {}
+        self.peft_config: dict[str, AdaLoraConfig] = {}
+        self.active_adapters = [adapter_name]
+        self.trainable_adapter_name: str | None = None
+        self.allocator: RankAllocator | None = None
+        self.add_adapter(adapter_name, config, rng)
+
+    @property
+    def config(self) -> AdaLoraConfig:
+        """The trainable adapter's config (the first adapter's when all are in inference mode)."""
+        return self.peft_config[self.trainable_adapter_name or next(iter(self.peft_config))]
+
+    # -- adapters -----------------------------------------------------------------------------
+
+    def add_adapter(self, adapter_name: str, config: AdaLoraConfig, rng: np.random.Generator | None = None) -> None:
+        """Add an adapter on the layers `config` targets (not made active, as in peft)."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} exists already")
+        if not config.inference_mode and self.trainable_adapter_name is not None:
+            raise ValueError(PEFT_ONE_TRAINABLE)
+        rng = np.random.default_rng(0) if rng is None else rng
+        targets = [name for name in self.names if is_target(config, name)]
+        if not targets:
+            raise ValueError(f"target_modules {config.target_modules!r} matched none of the layers {self.names}")
+        for name in targets:
+            self._attach(name, adapter_name, config, rng)
+        self.peft_config[adapter_name] = config
         if not config.inference_mode:
-            self.allocator = RankAllocator.from_config(config, {n: layer.r for n, layer in self.adapted.items()})
+            self.trainable_adapter_name = adapter_name
+            for layer in self.adapted.values():
+                layer.trainable_adapter = adapter_name
+            self._rebuild_allocator()
+
+    def _attach(self, name: str, adapter_name: str, config: AdaLoraConfig, rng: np.random.Generator) -> None:
+        layer = self.adapted.get(name)
+        weight = layer.weight if layer is not None else self.base[name].weight
+        rows, cols = weight.shape
+        n_in, n_out = (rows, cols) if config.fan_in_fan_out else (cols, rows)
+        triplet = init_triplet(
+            rng,
+            config.init_r,
+            n_in,
+            n_out,
+            init_lora_weights=config.init_lora_weights,
+            xp=namespace(weight),
+            dtype=weight.dtype,
+            device=device_of(weight),
+        )
+        if layer is not None:
+            layer.add_adapter(adapter_name, triplet, lora_alpha=config.lora_alpha)
+            return
+        base = self.base.pop(name)
+        layer = SVDLinear(
+            base.weight,
+            base.bias,
+            triplet,
+            lora_alpha=config.lora_alpha,
+            fan_in_fan_out=config.fan_in_fan_out,
+            name=name,
+            adapter_name=adapter_name,
+        )
+        layer.active_adapters = list(self.active_adapters)
+        layer.trainable_adapter = self.trainable_adapter_name
+        self.adapted[name] = layer
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        """Make these adapters the active ones: the forward sums them (on the layers that have them)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"no adapter named {unknown}; adapters are {list(self.peft_config)}")
+        self.active_adapters = names
+        for layer in self.adapted.values():
+            layer.active_adapters = list(names)
+
+    def _rebuild_allocator(self) -> None:
+        if self.trainable_adapter_name is not None:
+            ranks = {name: triplet.r for name, triplet in self.triplets().items()}
+            self.allocator = RankAllocator.from_config(self.config, ranks)
 
     # -- parameters ---------------------------------------------------------------------------
 
-    def triplets(self) -> dict[str, SVDTriplet]:
-        """layer name -> its trainable triplet, in layer order."""
-        return {name: layer.triplet for name, layer in self.adapted.items()}
+    def _adapter(self, adapter_name: str | None) -> str:
+        name = adapter_name or self.trainable_adapter_name or next(iter(self.peft_config))
+        if name not in self.peft_config:
+            raise ValueError(f"no adapter named {name!r}; adapters are {list(self.peft_config)}")
+        return name
 
-    def set_triplets(self, triplets: Mapping[str, SVDTriplet]) -> None:
+    def triplets(self, adapter_name: str | None = None) -> dict[str, SVDTriplet]:
+        """layer name -> the adapter's triplet (default: the trainable adapter), in layer order."""
+        adapter = self._adapter(adapter_name)
+        return {n: layer.adapters[adapter].triplet for n, layer in self.adapted.items() if adapter in layer.adapters}
+
+    def set_triplets(self, triplets: Mapping[str, SVDTriplet], adapter_name: str | None = None) -> None:
+        adapter = self._adapter(adapter_name)
         for name, triplet in triplets.items():
-            old = self.adapted[name].triplet
+            layer = self.adapted[name]
+            old = layer.adapters[adapter].triplet
             for part in ("lora_A", "lora_E", "lora_B"):
                 new, before = getattr(triplet, part), getattr(old, part)
                 if tuple(new.shape) != tuple(before.shape):
                     raise ValueError(f"{name}.{part}: new shape {tuple(new.shape)} != {tuple(before.shape)}")
-            self.adapted[name].triplet = triplet
+            layer.adapters[adapter].triplet = triplet
 
-    def set_lora_E(self, lora_E: Mapping[str, Array]) -> None:
-        for name, E in lora_E.items():
-            t = self.adapted[name].triplet
-            self.adapted[name].triplet = SVDTriplet(t.lora_A, E, t.lora_B)
+    def set_lora_E(self, lora_E: Mapping[str, Array], adapter_name: str | None = None) -> None:
+        triplets = self.triplets(adapter_name)
+        self.set_triplets({n: SVDTriplet(triplets[n].lora_A, E, triplets[n].lora_B) for n, E in lora_E.items()})
 
     # -- the orthogonal regularizer -----------------------------------------------------------
 
     def orthogonal_regularizer(self) -> tuple[Array, dict[str, tuple[Array, Array]]]:
-        """(R, {layer: (dR/dA, dR/dB)}) with the config's orth_reg_weight, as peft adds R to the loss."""
-        value, grads = orthogonal_regularizer(list(self.triplets().values()), self.config.orth_reg_weight)
-        return value, dict(zip(self.adapted, grads, strict=True))
+        """(R, {layer: (dR/dA, dR/dB)}) over the trainable adapter, as peft adds R to the loss."""
+        triplets = self.triplets()
+        value, grads = orthogonal_regularizer(list(triplets.values()), self.config.orth_reg_weight)
+        return value, dict(zip(triplets, grads, strict=True))
 
     # -- the lifecycle ------------------------------------------------------------------------
 
     def update_and_allocate(self, global_step: int, grads: Mapping[str, TripletGrads] | None) -> Allocation | None:
         """peft's AdaLoraModel.update_and_allocate: call after optimizer.step(), before zeroing gradients.
 
-        `grads` are the gradients of the step just taken (the importance uses the parameters after
-        the optimizer step times the gradients from before it, as in peft). Returns what the
-        allocator decided, or None in the final phase.
+        `grads` are the trainable adapter's gradients of the step just taken (the importance uses
+        the parameters after the optimizer step times the gradients from before it, as in peft).
+        Returns what the allocator decided, or None in the final phase.
         """
         if self.allocator is None:
-            raise ValueError("this model is in inference_mode: it has no trainable adapter to allocate")
+            raise ValueError("this model has no trainable adapter (all are in inference_mode): nothing to allocate")
         c = self.config
         final_step = c.total_step - c.tfinal
         if global_step < final_step:
@@ -153,13 +218,15 @@ class AdaLoraModel:
         assert allocation.rank_pattern is not None
         self.config.rank_pattern = {name + E_SUFFIX: keep for name, keep in allocation.rank_pattern.items()}
 
-    def layer_rank_pattern(self) -> dict[str, list[bool]]:
-        """The config's rank pattern keyed by layer name (its keys are `<layer>.lora_E`)."""
-        pattern = self.config.rank_pattern or {}
+    def layer_rank_pattern(self, adapter_name: str | None = None) -> dict[str, list[bool]]:
+        """The adapter's rank pattern keyed by layer name (its config's keys are `<layer>.lora_E`)."""
+        pattern = self.peft_config[self._adapter(adapter_name)].rank_pattern or {}
         return {key.removesuffix(E_SUFFIX): keep for key, keep in pattern.items()}
 
-    def resize_by_rank_pattern(self, rank_pattern: Mapping[str, list[bool]] | None = None) -> None:
-        """Shrink every layer to the rows its pattern keeps (default: the config's rank pattern).
+    def resize_by_rank_pattern(
+        self, rank_pattern: Mapping[str, list[bool]] | None = None, adapter_name: str | None = None
+    ) -> None:
+        """Shrink every layer of the adapter to the rows its pattern keeps (default: the config's pattern).
 
         As peft's resize_modules_by_rank_pattern: A keeps rows, E keeps rows, B keeps columns, and
         ranknum keeps its old value so the layer's scale does not change. Quirks kept: the scaling is
@@ -168,33 +235,26 @@ class AdaLoraModel:
         the new rank is > 0 (harmless: a layer with r = 0 adds nothing).
         The allocator is rebuilt for the new ranks.
         """
-        pattern = self.layer_rank_pattern() if rank_pattern is None else dict(rank_pattern)
+        adapter = self._adapter(adapter_name)
+        pattern = self.layer_rank_pattern(adapter) if rank_pattern is None else dict(rank_pattern)
         pattern = {k.removesuffix(E_SUFFIX): v for k, v in pattern.items()}
-        unknown = sorted(set(pattern) - set(self.adapted))
+        triplets = self.triplets(adapter)
+        unknown = sorted(set(pattern) - set(triplets))
         if unknown:
-            raise ValueError(f"rank pattern names layers this model does not adapt: {unknown}")
+            raise ValueError(f"rank pattern names layers this adapter does not adapt: {unknown}")
         for name, keep in pattern.items():
-            layer = self.adapted[name]
-            if len(keep) != layer.r:
-                raise ValueError(f"rank pattern for {name} has {len(keep)} flags, the layer has r = {layer.r}")
+            layer, t = self.adapted[name], triplets[name]
+            if len(keep) != t.r:
+                raise ValueError(f"rank pattern for {name} has {len(keep)} flags, the layer has r = {t.r}")
             xp = namespace(layer.weight)
             rows = xp.asarray(np.flatnonzero(np.asarray(keep, dtype=bool)), device=device_of(layer.weight))
-            t = layer.triplet
             resized = SVDTriplet(
                 xp.take(t.lora_A, rows, axis=0),  # (r', in)
                 xp.take(t.lora_E, rows, axis=0),  # (r', 1)
                 xp.take(t.lora_B, rows, axis=1),  # (out, r')
             )
-            new_layer = SVDLinear(
-                layer.weight,
-                layer.bias,
-                resized,
-                lora_alpha=layer.lora_alpha,
-                fan_in_fan_out=layer.fan_in_fan_out,
-                ranknum=float(layer.ranknum[0]) if resized.r > 0 else 0.0,
-                name=name,
-            )
-            new_layer.merged, new_layer.disable_adapters = layer.merged, layer.disable_adapters
-            self.adapted[name] = new_layer
-        if self.allocator is not None:
-            self.allocator = RankAllocator.from_config(self.config, {n: layer.r for n, layer in self.adapted.items()})
+            old = layer.adapters[adapter]
+            ranknum = float(old.ranknum[0]) if resized.r > 0 else 0.0
+            layer.add_adapter(adapter, resized, lora_alpha=old.lora_alpha, ranknum=ranknum)
+        if adapter == self.trainable_adapter_name:
+            self._rebuild_allocator()

@@ -58,8 +58,8 @@ def test_round_trip_ours(tmp_path: Path) -> None:
     assert_close(outputs(loaded, x), outputs(model, x), 1e-14, "outputs after load")
     kept = {k.removesuffix(".lora_E"): sum(v) for k, v in model.config.rank_pattern.items()}
     assert {n: layer.r for n, layer in loaded.adapted.items()} == kept
-    for name, layer in loaded.adapted.items():  # ranknum stays init_r: the scale does not change
-        assert float(layer.ranknum[0]) == SCHEDULE["init_r"], name
+    for name, layer in loaded.adapted.items():  # ranknum stays init_r (0 for an emptied layer, as peft)
+        assert float(layer.ranknum[0]) == (SCHEDULE["init_r"] if layer.r else 0.0), name
     saved = json.loads((tmp_path / "ck" / CONFIG_NAME).read_text())
     assert saved["peft_type"] == "ADALORA" and saved["inference_mode"] is True and "deltaT" in saved
 

@@ -193,7 +193,8 @@ def unc_against_previous(state, p, grad, beta1, beta2):
 class AlphaOverR(SVDLinear):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.scaling = self.lora_alpha / self.r if self.r else 0.0
+        for adapter in self.adapters.values():
+            adapter.scaling = adapter.lora_alpha / adapter.triplet.r if adapter.triplet.r else 0.0
 
 
 real_set_lora_E = model_module.AdaLoraModel.set_lora_E
@@ -202,9 +203,9 @@ real_set_lora_E = model_module.AdaLoraModel.set_lora_E
 def ranknum_follows_mask(self, lora_E):
     real_set_lora_E(self, lora_E)
     for name in lora_E:
-        layer = self.adapted[name]
-        kept = float(np.count_nonzero(np.asarray(layer.triplet.lora_E)))
-        layer.ranknum = layer.ranknum * 0 + kept
+        adapter = self.adapted[name].adapters[self.trainable_adapter_name]
+        kept = float(np.count_nonzero(np.asarray(adapter.triplet.lora_E)))
+        adapter.ranknum = adapter.ranknum * 0 + kept
 
 
 real_update_ipt = RankAllocator.update_ipt

@@ -246,7 +246,7 @@ class TestBadInput:
     def test_triplet_shape_contradicts_weight(self, xp: Backend) -> None:
         p = make_params(np.random.default_rng(9), 2, 3, 4, False, False)
         p["lora_A"] = np.ones((2, 5))
-        with pytest.raises(ValueError, match=r"layer.lora_A has shape \(2, 5\), expected \(2, 3\)"):
+        with pytest.raises(ValueError, match=r"layer\[default\].lora_A has shape \(2, 5\), expected \(2, 3\)"):
             build(xp, p)
 
     def test_mixed_backends(self, xp: Backend) -> None:
