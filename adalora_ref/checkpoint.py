@@ -56,7 +56,23 @@ def adapter_state_dict(model: AdaLoraModel, adapter_name: str | None = None) -> 
                 B = B[:, rows]
         for part, value in zip(PARTS, (A, E, B), strict=True):
             out[f"{KEY_PREFIX}{name}.{part}"] = np.ascontiguousarray(value)
+    if adapter_name in (None, model.trainable_adapter_name):
+        for key, value in model.base_params().items():
+            out[saved_key(key, model.trainable_adapter_name or "")] = np.ascontiguousarray(to_numpy(value))
     return out
+
+
+def saved_key(name: str, adapter_name: str) -> str:
+    """The key peft saves a trainable base parameter under: "base_model.model." + its name, with a
+    modules_to_save copy's ".modules_to_save.<adapter>" dropped ("head.modules_to_save.default.weight"
+    is saved as "base_model.model.head.weight")."""
+    return KEY_PREFIX + name.replace(f".modules_to_save.{adapter_name}.", ".")
+
+
+def _is_redundant_peft_copy(key: str) -> bool:
+    """With bias "all" and modules_to_save, peft also saves the wrapper's inner biases
+    ("head.modules_to_save.bias", "head.original_module.bias"); loading ignores them, as peft does."""
+    return ".original_module." in key or ".modules_to_save." in key
 
 
 def save_adapter(model: AdaLoraModel, directory: str | os.PathLike[str], adapter_name: str | None = None) -> Path:
@@ -168,8 +184,10 @@ def _fill(model: AdaLoraModel, adapter_name: str, tensors: dict[str, np.ndarray]
             raise ValueError(f"{root / CONFIG_NAME}: rank_pattern does not fit the model: {err}") from None
     weights_path = root / WEIGHTS_NAME
     triplets = model.triplets(adapter_name)
-    expected = {f"{KEY_PREFIX}{n}.{p}" for n in triplets for p in PARTS}
-    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    base_keys = {saved_key(key, adapter_name): key for key in model.base_trainables(adapter_name)}
+    expected = {f"{KEY_PREFIX}{n}.{p}" for n in triplets for p in PARTS} | set(base_keys)
+    present = {key for key in tensors if key in expected or not _is_redundant_peft_copy(key)}
+    missing, extra = sorted(expected - present), sorted(present - expected)
     if missing:
         raise ValueError(f"{weights_path}: missing tensor(s) {missing}")
     if extra:
@@ -192,3 +210,13 @@ def _fill(model: AdaLoraModel, adapter_name: str, tensors: dict[str, np.ndarray]
             parts.append(from_numpy(namespace(weight), value, dtype=weight.dtype, device=device_of(weight)))
         loaded[name] = SVDTriplet(*parts)
     model.set_triplets(loaded, adapter_name)
+    base = {}
+    for key, name in base_keys.items():
+        layer_name, attr = model.base_trainables(adapter_name)[name]
+        current = getattr(model.layer(layer_name), attr)
+        if tensors[key].shape != tuple(current.shape):
+            raise ValueError(
+                f"{weights_path}: {key} has shape {tensors[key].shape}, the model's is {tuple(current.shape)}"
+            )
+        base[name] = from_numpy(namespace(current), tensors[key], dtype=current.dtype, device=device_of(current))
+    model.set_base_params(base, adapter_name)

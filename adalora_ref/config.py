@@ -398,6 +398,16 @@ def is_target(config: AdaLoraConfig, name: str) -> bool:
     return _in_transformed_layer(config, name)
 
 
+def is_module_to_save(config: AdaLoraConfig, name: str) -> bool:
+    """Whether peft wraps the module with this name in a ModulesToSaveWrapper (a trainable copy).
+
+    peft's `_set_trainable` test is a plain string suffix: `name.endswith(entry)` for an entry of
+    modules_to_save (so "head" also matches "lm_head"). This differs from the regex with which the
+    same entries exclude a module from adapter targeting (see is_target).
+    """
+    return bool(name) and any(name.endswith(entry) for entry in config.modules_to_save or [])
+
+
 def _is_module_to_save(modules_to_save: list[str], name: str) -> bool:
     """peft's test: the name, or one of its dotted prefixes / suffixes, is an entry (read as a regex)."""
     return any(re.match(rf"(^|.*\.){entry}($|\..*)", name) for entry in modules_to_save)

@@ -20,6 +20,14 @@ from .model import AdaLoraModel
 
 
 @dataclass
+class NetGrads:
+    """Gradients of one backward pass: triplets by layer name, trainable base parameters by peft's name."""
+
+    triplets: dict[str, TripletGrads]
+    base: dict[str, Array]
+
+
+@dataclass
 class MLPCache:
     """Per layer: the SVDLinear cache or the plain layer's input, and the pre-activation for ReLU."""
 
@@ -56,23 +64,38 @@ class MLP:
             h = z if k == len(names) - 1 else xp.maximum(z, xp.zeros_like(z))  # ReLU
         return h, cache
 
-    def backward(self, cache: MLPCache, grad_y: Array) -> dict[str, TripletGrads]:
-        """The triplets' gradients, by layer name, from dL/dy."""
+    def backward(self, cache: MLPCache, grad_y: Array) -> NetGrads:
+        """From dL/dy: the trainable adapter's triplet gradients and the trainable base parameters'
+        gradients (model.base_trainables(): biases under bias "all" / "lora_only", modules_to_save)."""
         xp = namespace(grad_y)
-        names = self.model.names
-        grads: dict[str, TripletGrads] = {}
+        model, names = self.model, self.model.names
+        fan = model.config.fan_in_fan_out
+        base_wanted: dict[str, dict[str, str]] = {}  # layer -> {"weight" | "bias": peft name}
+        for key, (layer_name, attr) in model.base_trainables().items():
+            base_wanted.setdefault(layer_name, {})[attr] = key
+        grads = NetGrads({}, {})
         g = grad_y
         for k in range(len(names) - 1, -1, -1):
             name = names[k]
             if k != len(names) - 1:
                 g = xp.where(cache.pre_activations[k] > 0, g, xp.zeros_like(g))  # through ReLU
             layer_cache = cache.layer_caches[k]
+            wanted = base_wanted.get(name, {})
+            if wanted:
+                g2d = xp.reshape(g, (-1, g.shape[-1]))  # (n, out)
+                h = layer_cache.x2d if isinstance(layer_cache, ForwardCache) else layer_cache
+                h2d = xp.reshape(h, (-1, h.shape[-1]))  # (n, in)
+                if "bias" in wanted:
+                    grads.base[wanted["bias"]] = xp.sum(g2d, axis=0)  # (out,)
+                if "weight" in wanted:  # (out, in), or (in, out) with fan_in_fan_out
+                    gw = xp.matrix_transpose(g2d) @ h2d
+                    grads.base[wanted["weight"]] = xp.matrix_transpose(gw) if fan else gw
             if isinstance(layer_cache, ForwardCache):
-                g, triplet_grads = self.model.adapted[name].backward(layer_cache, g)
+                g, triplet_grads = model.adapted[name].backward(layer_cache, g)
                 if triplet_grads is not None:
-                    grads[name] = triplet_grads
+                    grads.triplets[name] = triplet_grads
             elif k > 0:  # a frozen layer: only the input gradient, and none needed for the first layer
-                g = linear_input_grad(g, self.model.base[name].weight, self.model.config.fan_in_fan_out)
+                g = linear_input_grad(g, model.base[name].weight, fan)
         return grads
 
 

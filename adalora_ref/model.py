@@ -30,7 +30,7 @@ import numpy as np
 
 from ._backend import Array, device_of, dtype_name_or_raise, namespace
 from .allocator import Allocation, RankAllocator, mask_using_rank_pattern
-from .config import AdaLoraConfig, is_target
+from .config import AdaLoraConfig, is_module_to_save, is_target
 from .layer import SVDLinear, SVDTriplet, TripletGrads, init_triplet
 from .orth import orthogonal_regularizer
 
@@ -172,6 +172,49 @@ class AdaLoraModel:
     def set_lora_E(self, lora_E: Mapping[str, Array], adapter_name: str | None = None) -> None:
         triplets = self.triplets(adapter_name)
         self.set_triplets({n: SVDTriplet(triplets[n].lora_A, E, triplets[n].lora_B) for n, E in lora_E.items()})
+
+    # -- base parameters that train: bias modes and modules_to_save ---------------------------
+
+    def base_trainables(self, adapter_name: str | None = None) -> dict[str, tuple[str, str]]:
+        """peft's name -> (layer, "weight" | "bias") for every base parameter that trains, as peft decides.
+
+        The adapter's config (default: the trainable adapter's) says which: bias "all" trains every
+        bias ("<layer>.bias", or "<layer>.base_layer.bias" under an adapter), "lora_only" the biases
+        of adapted layers, "none" none; a layer in modules_to_save trains its weight and bias (peft
+        trains a copy of it, "<layer>.modules_to_save.<adapter>.weight"; we train the layer itself and
+        keep no untouched original). None of these enter the importance scores.
+        """
+        adapter = adapter_name or self.trainable_adapter_name
+        if adapter is None:
+            return {}
+        c = self.peft_config[self._adapter(adapter)]
+        out: dict[str, tuple[str, str]] = {}
+        for name in self.names:
+            layer = self.adapted.get(name) or self.base[name]
+            if name in self.base and is_module_to_save(c, name):
+                for attr in ("weight", "bias") if layer.bias is not None else ("weight",):
+                    out[f"{name}.modules_to_save.{adapter}.{attr}"] = (name, attr)
+            elif layer.bias is not None and (c.bias == "all" or (c.bias == "lora_only" and name in self.adapted)):
+                out[f"{name}.base_layer.bias" if name in self.adapted else f"{name}.bias"] = (name, "bias")
+        return out
+
+    def base_params(self) -> dict[str, Array]:
+        """The current values of the trainable base parameters, by peft's name."""
+        return {key: getattr(self.layer(n), attr) for key, (n, attr) in self.base_trainables().items()}
+
+    def set_base_params(self, values: Mapping[str, Array], adapter_name: str | None = None) -> None:
+        trainables = self.base_trainables(adapter_name)
+        for key, value in values.items():
+            if key not in trainables:
+                raise ValueError(f"{key!r} is not a trainable base parameter; they are {sorted(trainables)}")
+            name, attr = trainables[key]
+            before = getattr(self.layer(name), attr)
+            if tuple(value.shape) != tuple(before.shape):
+                raise ValueError(f"{key}: new shape {tuple(value.shape)} != {tuple(before.shape)}")
+            setattr(self.layer(name), attr, value)
+
+    def layer(self, name: str) -> SVDLinear | BaseLinear:
+        return self.adapted[name] if name in self.adapted else self.base[name]
 
     # -- the orthogonal regularizer -----------------------------------------------------------
 

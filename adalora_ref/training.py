@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from ._backend import Array
 from .allocator import Allocation
 from .layer import SVDTriplet, TripletGrads
-from .mlp import MLP
+from .mlp import MLP, NetGrads
+from .model import AdaLoraModel
 from .optim import AdamW
 
 LossFn = Callable[[Array, Array], tuple[Array, Array]]
@@ -53,9 +54,9 @@ def train_step(
     if orth_reg:
         reg, reg_grads = model.orthogonal_regularizer()
         loss = loss + reg
-        grads = {name: _add_orth(g, *reg_grads[name]) for name, g in grads.items()}
-    _optimizer_step(model.triplets(), grads, optimizer, model)
-    allocation = model.update_and_allocate(global_step, grads)
+        grads.triplets = {name: _add_orth(g, *reg_grads[name]) for name, g in grads.triplets.items()}
+    _optimizer_step(model, grads, optimizer)
+    allocation = model.update_and_allocate(global_step, grads.triplets)
     return StepResult(float(loss), float(reg), allocation)
 
 
@@ -63,10 +64,14 @@ def _add_orth(g: TripletGrads, reg_A: Array, reg_B: Array) -> TripletGrads:
     return TripletGrads(g.lora_A + reg_A, g.lora_E, g.lora_B + reg_B)
 
 
-def _optimizer_step(triplets: Mapping[str, SVDTriplet], grads: Mapping[str, TripletGrads], optimizer: AdamW, model):
-    """AdamW over the flat names `<layer>.lora_A` / `.lora_E` / `.lora_B`, results written back."""
+def _optimizer_step(model: AdaLoraModel, grads: NetGrads, optimizer: AdamW) -> None:
+    """AdamW over `<layer>.lora_A` / `.lora_E` / `.lora_B` and the trainable base parameters, written back."""
     parts = ("lora_A", "lora_E", "lora_B")
-    flat_params = {f"{n}.{p}": getattr(t, p) for n, t in triplets.items() for p in parts}
-    flat_grads = {f"{n}.{p}": getattr(g, p) for n, g in grads.items() for p in parts}
-    new = optimizer.step(flat_params, flat_grads)
+    triplets = model.triplets()
+    params = {f"{n}.{p}": getattr(t, p) for n, t in triplets.items() for p in parts}
+    flat_grads = {f"{n}.{p}": getattr(g, p) for n, g in grads.triplets.items() for p in parts}
+    params.update(model.base_params())
+    flat_grads.update(grads.base)
+    new = optimizer.step(params, flat_grads)
     model.set_triplets({n: SVDTriplet(*(new[f"{n}.{p}"] for p in parts)) for n in triplets})
+    model.set_base_params({key: new[key] for key in grads.base})
