@@ -56,9 +56,9 @@ def adapter_state_dict(model: AdaLoraModel, adapter_name: str | None = None) -> 
                 B = B[:, rows]
         for part, value in zip(PARTS, (A, E, B), strict=True):
             out[f"{KEY_PREFIX}{name}.{part}"] = np.ascontiguousarray(value)
-    if adapter_name in (None, model.trainable_adapter_name):
-        for key, value in model.base_params().items():
-            out[saved_key(key, model.trainable_adapter_name or "")] = np.ascontiguousarray(to_numpy(value))
+    name = adapter_name or model.trainable_adapter_name or next(iter(model.peft_config))
+    for key, value in model.base_params(name).items():
+        out[saved_key(key, name)] = np.ascontiguousarray(to_numpy(value))
     return out
 
 

@@ -198,9 +198,9 @@ class AdaLoraModel:
                 out[f"{name}.base_layer.bias" if name in self.adapted else f"{name}.bias"] = (name, "bias")
         return out
 
-    def base_params(self) -> dict[str, Array]:
-        """The current values of the trainable base parameters, by peft's name."""
-        return {key: getattr(self.layer(n), attr) for key, (n, attr) in self.base_trainables().items()}
+    def base_params(self, adapter_name: str | None = None) -> dict[str, Array]:
+        """The current values of the adapter's trainable base parameters, by peft's name."""
+        return {key: getattr(self.layer(n), attr) for key, (n, attr) in self.base_trainables(adapter_name).items()}
 
     def set_base_params(self, values: Mapping[str, Array], adapter_name: str | None = None) -> None:
         trainables = self.base_trainables(adapter_name)

@@ -21,7 +21,7 @@ def require_peft() -> tuple[Any, Any]:
 
 def t2n(t: Any) -> np.ndarray:
     """A torch tensor as a float64 NumPy array."""
-    return t.detach().cpu().double().numpy()
+    return t.detach().cpu().double().numpy().copy()  # a copy: never alias a tensor torch updates in place
 
 
 def make_torch_stack(specs: list[tuple[str, int, int, bool, bool]], dtype: Any) -> Any:
