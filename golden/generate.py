@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import peft
 import torch
+from safetensors.numpy import load_file
 from transformers.pytorch_utils import Conv1D
 
 from adalora_ref.conformance.case import (
@@ -470,7 +471,11 @@ def decision_margin(scores: np.ndarray, threshold: float) -> float:
 TRAJECTORY_LAYERS = [("fc1", 8, 16, True), ("fc2", 16, 12, True), ("fc3", 12, 10, True), ("head", 10, 4, False)]
 
 
-def gen_trajectory(name: str, dtype: str, loss: str, seed: int) -> Case:
+def gen_trajectory(
+    name: str, dtype: str, loss: str, seed: int, overrides: dict | None = None, other: dict | None = None
+) -> Case:
+    """`overrides` change the adapter's config (bias modes, modules_to_save, a shorter schedule);
+    `other` adds an inference-mode adapter "other", active together with "default"."""
     adalora_config = {
         "init_r": 6,
         "target_r": 3,
@@ -481,8 +486,10 @@ def gen_trajectory(name: str, dtype: str, loss: str, seed: int) -> Case:
         "lora_alpha": 8,
         "orth_reg_weight": 0.5,
         "target_modules": ["fc1", "fc2", "fc3"],
+        **(overrides or {}),
     }
-    n_steps, lr, batch = 66, 0.02, 16
+    lr, batch = 0.02, 16
+    n_steps = adalora_config["total_step"] + 6
     config = {
         "layers": [list(layer) for layer in TRAJECTORY_LAYERS],
         "adalora": adalora_config,
@@ -491,6 +498,7 @@ def gen_trajectory(name: str, dtype: str, loss: str, seed: int) -> Case:
         "n_steps": n_steps,
         "batch": batch,
         "optimizer": "torch.optim.AdamW (defaults but lr)",
+        "other_adapter": other,
     }
     c = case(
         "trajectory",
@@ -505,18 +513,28 @@ def gen_trajectory(name: str, dtype: str, loss: str, seed: int) -> Case:
     stack = Stack([(n, i, o) for n, i, o, _ in TRAJECTORY_LAYERS]).to(torch_dtype)
     stack.loss_name = loss
     model = adalora(stack, **adalora_config)
+    if other is not None:
+        model.add_adapter("other", peft.AdaLoraConfig(**other))
+        model.base_model.set_adapter(["default", "other"])
     inner = model.base_model.model
     for n, _, _, targeted in TRAJECTORY_LAYERS:
         module = getattr(inner, n)
-        base = module.get_base_layer() if targeted else module
+        base = module.get_base_layer() if targeted else getattr(module, "original_module", module)
         c.inputs[f"base.{n}.weight"], c.inputs[f"base.{n}.bias"] = t2n(base.weight), t2n(base.bias)
-        if targeted:
-            for part in PARTS:
-                c.inputs[f"init.{n}.{part}"] = t2n(lora(module, part))
+        for adapter, prefix in (("default", "init"), ("other", "init_other")):
+            if targeted and adapter in getattr(module, "lora_A", {}):
+                for part in PARTS:
+                    c.inputs[f"{prefix}.{n}.{part}"] = t2n(getattr(module, part)[adapter])
     targets = [n for n, *_, targeted in TRAJECTORY_LAYERS if targeted]
-    # only the lora tensors: in float64 peft leaves ranknum trainable (docs/SPEC.md, "Driving peft")
-    params = [p for n, p in model.named_parameters() if any(part in n for part in PARTS)]
-    optimizer = torch.optim.AdamW(params, lr=lr)
+    # what trains: the default adapter's tensors and the base parameters its bias / modules_to_save
+    # settings free. Never ranknum (in float64 peft leaves it trainable: docs/SPEC.md, "Driving peft"),
+    # never the "other" adapter (set_adapter makes every active adapter require grad: a peft quirk).
+    trainable = {
+        n.removeprefix("base_model.model."): p
+        for n, p in model.named_parameters()
+        if p.requires_grad and "ranknum" not in n and not n.endswith(".other")
+    }
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=lr)
     rng = np.random.default_rng(seed)
     final_step = adalora_config["total_step"] - adalora_config["tfinal"]
     for step in range(1, n_steps + 1):
@@ -553,13 +571,17 @@ def gen_trajectory(name: str, dtype: str, loss: str, seed: int) -> Case:
     for n in targets:
         for part in PARTS:
             record(c, tensor(f"final.{n}.{part}", f"final {part}", layer=n), t2n(lora(getattr(inner, n), part)))
+    for key, p in sorted(trainable.items()):
+        if "lora_" not in key:
+            record(c, tensor(f"final_base.{key}", "final base parameter", layer=key), t2n(p))
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        from safetensors.numpy import load_file
-
+        model.save_pretrained(tmp, selected_adapters=["default"])
         saved = load_file(str(Path(tmp) / "adapter_model.safetensors"))
     for key in sorted(saved):
-        record(c, tensor(f"saved.{key}", "saved tensor", layer=key), saved[key])
+        # with bias "all" and modules_to_save peft also saves the wrapper's inner biases
+        # (".modules_to_save.bias", ".original_module.bias"): redundant copies, not checked
+        if ".original_module." not in key and ".modules_to_save." not in key:
+            record(c, tensor(f"saved.{key}", "saved tensor", layer=key), saved[key])
     return c
 
 
@@ -720,6 +742,24 @@ def all_cases() -> Iterator[tuple[Case, dict[str, bytes]]]:
     yield gen_trajectory("mlp_mse", "float64", "mse", 500), {}
     yield gen_trajectory("mlp_cross_entropy", "float64", "cross_entropy", 501), {}
     yield gen_trajectory("mlp_mse", "float32", "mse", 502), {}
+    short = {"total_step": 30, "tinit": 3, "tfinal": 6, "deltaT": 2, "init_r": 5, "target_r": 2}
+    yield (
+        gen_trajectory(
+            "bias_all_modules_to_save", "float64", "mse", 503, {**short, "bias": "all", "modules_to_save": ["head"]}
+        ),
+        {},
+    )
+    yield gen_trajectory("bias_lora_only", "float64", "mse", 504, {**short, "bias": "lora_only"}), {}
+    other = {
+        "target_modules": ["fc1", "fc3"],
+        "init_r": 3,
+        "target_r": 1,
+        "total_step": 30,
+        "lora_alpha": 16,
+        "inference_mode": True,
+        "init_lora_weights": False,
+    }
+    yield gen_trajectory("two_adapters", "float64", "mse", 505, short, other), {}
     yield gen_checkpoint("trained_and_saved", 600, None)
     yield gen_checkpoint("one_layer_fully_pruned", 601, "fc2")
     yield gen_config(700), {}

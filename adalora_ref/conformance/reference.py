@@ -175,6 +175,10 @@ def run_trajectory(case: Case, xp: Any) -> Outputs:
     net = _mlp_from_case(case, xp, config)
     model = net.model
     model.set_triplets({name: get.triplet(f"init.{name}.") for name in model.adapted})
+    if c.get("other_adapter"):  # an inference adapter, active together with the trained one
+        model.add_adapter("other", AdaLoraConfig(**c["other_adapter"]))
+        model.set_triplets({name: get.triplet(f"init_other.{name}.") for name in model.triplets("other")}, "other")
+        model.set_adapter(["default", "other"])
     optimizer = AdamW(lr=c["lr"])
     loss_fn = mse_loss if c["loss"] == "mse" else cross_entropy_loss
     final_step = config.total_step - config.tfinal
@@ -191,6 +195,7 @@ def run_trajectory(case: Case, xp: Any) -> Outputs:
     for name, layer in model.adapted.items():
         for part in PARTS:
             out[f"final.{name}.{part}"] = _np(getattr(layer.triplet, part))
+    out.update({f"final_base.{key}": _np(value) for key, value in model.base_params().items()})
     out.update({f"saved.{key}": value for key, value in adapter_state_dict(model).items()})
     return out
 
