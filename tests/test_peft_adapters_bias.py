@@ -57,13 +57,20 @@ def copy_adapter(peft_model, model: AdaLoraModel, adapter: str) -> None:
     )
 
 
-def peft_step(torch, peft_model, optimizer, x, target, step) -> float:
-    out = peft_model.base_model(torch.tensor(x), torch.tensor(target))
-    out.loss.backward()
-    optimizer.step()
-    peft_model.base_model.update_and_allocate(step)
-    optimizer.zero_grad()
-    return float(out.loss.detach())
+def train_side_by_side(peft_model, peft_opt, model: AdaLoraModel, seed: int, steps: int = 34) -> None:
+    """peft's training loop and train_step on the same batches; the losses must agree every step."""
+    torch, _ = require_peft()
+    net, opt, rng = MLP(model), AdamW(lr=0.03), np.random.default_rng(seed)
+    for step in range(1, steps + 1):
+        x, target = rng.normal(size=(12, 8)), rng.normal(size=(12, 4))
+        out = peft_model.base_model(torch.tensor(x), torch.tensor(target))
+        out.loss.backward()
+        peft_opt.step()
+        peft_model.base_model.update_and_allocate(step)
+        peft_opt.zero_grad()
+        theirs = float(out.loss.detach())
+        ours = train_step(net, opt, x, target, step, mse_loss).loss
+        assert abs(ours - theirs) <= 1e-9 * abs(theirs), f"loss at step {step}: {ours!r} vs peft {theirs!r}"
 
 
 @pytest.mark.parametrize(
@@ -80,12 +87,7 @@ def test_bias_modes_trajectory_matches_peft(bias: str, modules_to_save: list[str
     peft_opt = torch.optim.AdamW([p for _, p in trainable], lr=0.03)
     peft_base_names = sorted(n.removeprefix("base_model.model.") for n, _ in trainable if "lora_" not in n)
     assert sorted(model.base_trainables()) == peft_base_names
-    net, opt, rng = MLP(model), AdamW(lr=0.03), np.random.default_rng(4)
-    for step in range(1, 35):
-        x, target = rng.normal(size=(12, 8)), rng.normal(size=(12, 4))
-        theirs = peft_step(torch, peft_model, peft_opt, x, target, step)
-        ours = train_step(net, opt, x, target, step, mse_loss).loss
-        assert abs(ours - theirs) <= 1e-9 * abs(theirs), f"loss at step {step}"
+    train_side_by_side(peft_model, peft_opt, model, seed=4)
     pattern = {k.removesuffix(".default"): v for k, v in peft_model.peft_config["default"].rank_pattern.items()}
     assert model.config.rank_pattern == pattern
     named = dict(peft_model.named_parameters())
@@ -180,12 +182,7 @@ def test_trajectory_with_an_active_inference_adapter() -> None:
     model.set_adapter(["default", "other"])
     params = [p for n, p in peft_model.named_parameters() if "lora_" in n and n.endswith(".default")]
     peft_opt = torch.optim.AdamW(params, lr=0.03)
-    net, opt, rng = MLP(model), AdamW(lr=0.03), np.random.default_rng(10)
-    for step in range(1, 35):
-        x, target = rng.normal(size=(12, 8)), rng.normal(size=(12, 4))
-        theirs = peft_step(torch, peft_model, peft_opt, x, target, step)
-        ours = train_step(net, opt, x, target, step, mse_loss).loss
-        assert abs(ours - theirs) <= 1e-9 * abs(theirs), f"loss at step {step}"
+    train_side_by_side(peft_model, peft_opt, model, seed=10)
     pattern = {k.removesuffix(".default"): v for k, v in peft_model.peft_config["default"].rank_pattern.items()}
     assert model.config.rank_pattern == pattern
     assert model.peft_config["other"].rank_pattern is None

@@ -155,17 +155,24 @@ class CaseError(ValueError):
     """A golden case directory or file that cannot be trusted; the message names the file."""
 
 
+def _read_format_json(path: Path, missing: str) -> dict[str, Any]:
+    """A JSON object of this format (a manifest or a case); errors name the file."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CaseError(f"{path}: {missing}") from None
+    except json.JSONDecodeError as err:
+        raise CaseError(f"{path}: invalid JSON: {err}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise CaseError(f"{path}: format {found!r}, expected {FORMAT!r}")
+    return data
+
+
 def read_manifest(root: Path, *, verify: bool = True) -> dict[str, Any]:
     """The manifest of a case directory; with `verify`, every file's sha256 is checked against it."""
     path = root / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CaseError(f"{path}: missing (a case directory needs a {MANIFEST} listing every file)") from None
-    except json.JSONDecodeError as err:
-        raise CaseError(f"{path}: invalid JSON: {err}") from None
-    if manifest.get("format") != FORMAT:
-        raise CaseError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    manifest = _read_format_json(path, f"missing (a case directory needs a {MANIFEST} listing every file)")
     if verify:
         listed = manifest["files"]
         for rel, digest in sorted(listed.items()):
@@ -193,14 +200,7 @@ def read_case(root: Path, case_id: str) -> Case:
     """Load one case (the manifest is checked separately, by `read_manifest`)."""
     json_path = (root / case_id).with_suffix(".json")
     st_path = (root / case_id).with_suffix(".safetensors")
-    try:
-        meta = json.loads(json_path.read_text())
-    except FileNotFoundError:
-        raise CaseError(f"{json_path}: no such case") from None
-    except json.JSONDecodeError as err:
-        raise CaseError(f"{json_path}: invalid JSON: {err}") from None
-    if meta.get("format") != FORMAT:
-        raise CaseError(f"{json_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    meta = _read_format_json(json_path, "no such case")
     tensors = read_tensors(st_path)
     inputs = {}
     for name, spec in meta["inputs"].items():
