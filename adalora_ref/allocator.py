@@ -28,7 +28,9 @@ Decisions peft leaves undefined, made here (see docs/SPEC.md):
 - k <= 0 (e.g. init_r == target_r): nothing is pruned and the threshold is -inf. peft crashes in
   torch.kthvalue ("k out of range", peft issue 2337).
 - NaN or Inf in a parameter, a gradient or the importance: ValueError naming the layer and the
-  tensor, and the state is left as it was. peft carries NaN into the threshold and zeroes every E.
+  tensor, and the state is left as it was. peft carries NaN into the scores silently: a row scored
+  NaN is never pruned (NaN <= threshold is false) and is reported kept, and when every score is
+  NaN nothing is pruned at all (checked with peft 0.21.2).
 - A layer missing from, or extra in, the gradients, or a tensor of the wrong shape: ValueError.
 - A step number smaller than the previous one: ValueError.
 """
@@ -272,5 +274,5 @@ def _refuse_non_finite(name: str, part: str, p: Array, grad: Array, state: Impor
         return
     for what, x in ((f"{name}.{part}", p), (f"{name}.{part} gradient", grad)):
         if not bool(xp.all(xp.isfinite(x))):
-            raise ValueError(f"{what} holds NaN or Inf: importance cannot be scored (peft would zero every E)")
+            raise ValueError(f"{what} holds NaN or Inf: importance cannot be scored (peft would keep NaN rows silently)")
     raise ValueError(f"the importance of {name}.{part} overflows (|p * grad| is not finite in this dtype)")

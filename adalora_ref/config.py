@@ -179,7 +179,7 @@ class AdaLoraConfig:
             if not isinstance(getattr(self, name), bool):
                 _fail(name, "True or False", getattr(self, name))
         if self.use_dora:
-            _fail("use_dora", "False", True, "ADALORA does not support DoRA.")
+            _fail("use_dora", "False", True, "PeftType.ADALORA does not support DoRA.")
         if self.bias not in BIAS_CHOICES:
             _fail("bias", "one of " + ", ".join(map(repr, BIAS_CHOICES)), self.bias)
         self._check_init_lora_weights()
@@ -203,7 +203,7 @@ class AdaLoraConfig:
         if not isinstance(value, str):
             _fail("init_lora_weights", "True, False or a string", value)
         if value == "loftq":
-            _fail("init_lora_weights", "anything but 'loftq'", value, "ADALORA does not support LOFTQ.")
+            _fail("init_lora_weights", "anything but 'loftq'", value, "PeftType.ADALORA does not support LOFTQ.")
         _warn(
             f"AdaLoraConfig.init_lora_weights={value!r} is a LoRA initialization that AdaLoRA does not "
             f"implement: its SVD layers only test the value for truth, so it acts as {bool(value)}."

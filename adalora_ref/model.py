@@ -252,7 +252,10 @@ class AdaLoraModel:
                 f"step {global_step} is past total_step - tfinal = {final_step} but no rank pattern is stored: "
                 f"the final masking at step {final_step} never ran"
             )
-        self.allocator.last_step = max(self.allocator.last_step or global_step, global_step)
+        last = self.allocator.last_step
+        if last is not None and global_step < last:
+            raise ValueError(f"step {global_step} comes after step {last}: steps must not go backwards")
+        self.allocator.last_step = global_step
         self.set_lora_E(mask_using_rank_pattern(self.triplets(), self.layer_rank_pattern()))
         return None
 

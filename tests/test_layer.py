@@ -32,9 +32,7 @@ def make_params(rng: np.random.Generator, r: int, n_in: int, n_out: int, fan_in_
 def build(be: Backend, p: dict, *, lora_alpha: float = 8, fan_in_fan_out: bool = False) -> SVDLinear:
     triplet = SVDTriplet(*(be.asarray(p[k]) for k in PARTS))
     bias = None if p["bias"] is None else be.asarray(p["bias"])
-    return SVDLinear(
-        be.asarray(p["weight"]), bias, triplet, lora_alpha=lora_alpha, fan_in_fan_out=fan_in_fan_out
-    )
+    return SVDLinear(be.asarray(p["weight"]), bias, triplet, lora_alpha=lora_alpha, fan_in_fan_out=fan_in_fan_out)
 
 
 def dense_reference(p: dict, x: np.ndarray, lora_alpha: float, fan_in_fan_out: bool, mask=None) -> np.ndarray:
@@ -70,9 +68,7 @@ shapes = st.fixed_dictionaries(
         "seed": st.integers(0, 2**32 - 1),
     }
 )
-fixture_settings = settings(
-    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+fixture_settings = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def draw_case(case: dict):

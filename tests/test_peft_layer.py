@@ -69,9 +69,7 @@ def test_svd_linear_matches_peft(case) -> None:
     torch, _ = require_peft()
     seed, n_in, n_out, r, fan, bias, alpha, lead, p = case
     torch.manual_seed(seed)
-    model = peft_adapted(
-        [("proj", n_in, n_out, bias, fan)], init_r=r, lora_alpha=alpha, fan_in_fan_out=fan, dropout=p
-    )
+    model = peft_adapted([("proj", n_in, n_out, bias, fan)], init_r=r, lora_alpha=alpha, fan_in_fan_out=fan, dropout=p)
     peft_layer = model.base_model.model.proj
     ours = ours_from_peft(peft_layer, "proj", fan, alpha)
 
@@ -150,9 +148,7 @@ def test_orthogonal_regularizer_matches_peft(init_r: int, orth_reg_weight: float
     loss = model.base_model(torch.zeros(2, 6, dtype=torch.float64)).loss
     loss.backward()
 
-    triplets = [
-        SVDTriplet(*(t2n(getattr(L, k)["default"]) for k in ("lora_A", "lora_E", "lora_B"))) for L in layers
-    ]
+    triplets = [SVDTriplet(*(t2n(getattr(L, k)["default"]) for k in ("lora_A", "lora_E", "lora_B"))) for L in layers]
     value, grads = orthogonal_regularizer(triplets, orth_reg_weight)
     assert_close(float(value), float(loss), REL, "regularizer value")
     for L, (g_A, g_B) in zip(layers, grads, strict=True):

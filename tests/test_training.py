@@ -7,7 +7,7 @@ import pytest
 
 from adalora_ref._backend import get_backend
 from adalora_ref.config import AdaLoraConfig
-from adalora_ref.layer import SVDTriplet
+from adalora_ref.layer import SVDTriplet, TripletGrads
 from adalora_ref.mlp import MLP, cross_entropy_loss, mse_loss
 from adalora_ref.model import AdaLoraModel, BaseLinear
 from adalora_ref.optim import AdamW
@@ -115,3 +115,14 @@ def test_adamw_rejects_bad_input() -> None:
 def test_cross_entropy_rejects_bad_labels() -> None:
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got range \[0, 3\]"):
         cross_entropy_loss(np.zeros((2, 3)), np.array([0, 3]))
+
+
+def test_final_phase_steps_must_not_go_backwards() -> None:
+    base = {n: BaseLinear(np.eye(4)) for n in ("a", "b")}
+    m = AdaLoraModel(base, AdaLoraConfig(target_modules=["a", "b"], init_r=2, target_r=1, total_step=10))
+    grads = {n: TripletGrads(np.ones((2, 4)), np.ones((2, 1)), np.ones((4, 2))) for n in ("a", "b")}
+    for step in (1, 10):
+        m.update_and_allocate(step, grads)
+    m.update_and_allocate(12, None)
+    with pytest.raises(ValueError, match="step 11 comes after step 12"):
+        m.update_and_allocate(11, None)
