@@ -274,5 +274,5 @@ def _refuse_non_finite(name: str, part: str, p: Array, grad: Array, state: Impor
         return
     for what, x in ((f"{name}.{part}", p), (f"{name}.{part} gradient", grad)):
         if not bool(xp.all(xp.isfinite(x))):
-            raise ValueError(f"{what} holds NaN or Inf: importance cannot be scored (peft would keep NaN rows silently)")
+            raise ValueError(f"{what} holds NaN or Inf: no importance score (peft keeps NaN rows silently)")
     raise ValueError(f"the importance of {name}.{part} overflows (|p * grad| is not finite in this dtype)")

@@ -145,7 +145,8 @@ INVALID = [
     (
         "loftq init",
         {"init_lora_weights": "loftq"},
-        "AdaLoraConfig.init_lora_weights must be anything but 'loftq', got 'loftq'. PeftType.ADALORA does not support LOFTQ.",
+        "AdaLoraConfig.init_lora_weights must be anything but 'loftq', got 'loftq'. "
+        "PeftType.ADALORA does not support LOFTQ.",
     ),
     (
         "layers_to_transform with regex",
