@@ -226,11 +226,11 @@ def gen_init(init_lora_weights: bool, seed: int) -> Case:
         values = t2n(lora(layer, part)).astype(np.float64)
         loose = 0.2 if part == "lora_E" else 0.05
         if not (init_lora_weights and part == "lora_E"):
-            record(c, tensor(f"std.{part}", f"std of initial {part}", rtol=loose), np.asarray(values.std()))
+            std = np.asarray(values.std(), dtype=np.float32)  # statistics stored in the case's dtype
+            record(c, tensor(f"std.{part}", f"std of initial {part}", rtol=loose), std)
             scale = values.std() / np.sqrt(values.size) * 5  # |mean| within 5 standard errors
-            record(
-                c, Check(f"mean.{part}", f"mean of initial {part}", "tensor", None, None, float(scale)), np.asarray(0.0)
-            )
+            mean = Check(f"mean.{part}", f"mean of initial {part}", "tensor", None, None, float(scale))
+            record(c, mean, np.asarray(0.0, dtype=np.float32))
     return c
 
 
@@ -589,9 +589,11 @@ def gen_trajectory(
 # checkpoint: an adapter peft trained and saved (cut to its rank pattern), and peft's outputs after loading
 
 
-def gen_checkpoint(name: str, seed: int, prune_all_of: str | None) -> tuple[Case, dict[str, bytes]]:
+def gen_checkpoint(name: str, seed: int, target_r: int, prune_all_of: str | None) -> tuple[Case, dict[str, bytes]]:
+    """Without `prune_all_of` every layer must keep at least one row (checked); with it, that layer's
+    pattern is set to all False before saving, so peft saves and loads it with r = 0."""
     layers = [("fc1", 8, 16), ("fc2", 16, 12), ("fc3", 12, 10), ("head", 10, 4)]
-    schedule = {"init_r": 4, "target_r": 2, "tinit": 2, "tfinal": 3, "deltaT": 2, "total_step": 12}
+    schedule = {"init_r": 4, "target_r": target_r, "tinit": 2, "tfinal": 3, "deltaT": 2, "total_step": 12}
     config = {"layers": [list(layer) for layer in layers], "adalora": schedule}
     c = case("checkpoint", name, "float64", "an adapter trained and saved by peft, loaded, and run", config, seed)
     torch.manual_seed(seed)
@@ -607,10 +609,12 @@ def gen_checkpoint(name: str, seed: int, prune_all_of: str | None) -> tuple[Case
         optimizer.step()
         model.base_model.update_and_allocate(step)
         optimizer.zero_grad()
+    pattern = model.peft_config["default"].rank_pattern
     if prune_all_of is not None:  # a layer that lost every singular value: saved with r = 0
-        pattern = model.peft_config["default"].rank_pattern
         key = f"{prune_all_of}.lora_E.default"
         pattern[key] = [False] * len(pattern[key])
+    elif not all(any(keep) for keep in pattern.values()):
+        raise RuntimeError(f"checkpoint/{name}: a layer lost every row ({pattern}); choose another seed")
     files = {}
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -760,8 +764,8 @@ def all_cases() -> Iterator[tuple[Case, dict[str, bytes]]]:
         "init_lora_weights": False,
     }
     yield gen_trajectory("two_adapters", "float64", "mse", 505, short, other), {}
-    yield gen_checkpoint("trained_and_saved", 600, None)
-    yield gen_checkpoint("one_layer_fully_pruned", 601, "fc2")
+    yield gen_checkpoint("trained_and_saved", 600, 3, None)
+    yield gen_checkpoint("one_layer_fully_pruned", 601, 2, "fc3")
     yield gen_config(700), {}
 
 
