@@ -6,10 +6,11 @@ by hand. Module map (data flows downwards):
     cli            adalora-ref commands
     training       train_step: one step in peft's call order
     checkpoint     peft's adapter format (adapter_config.json + adapter_model.safetensors)
-    mlp            a multilayer perceptron on the model, and its losses
+    mlp            a feed-forward network (linear and conv layers) on the model, and its losses
     model          named layers, update_and_allocate lifecycle, resizing
     allocator      importance, budget schedule, masking        orth   orthogonal regularizer
-    layer          SVDLinear forward / backward / merge         optim  AdamW as torch computes it
+    conv           SVDConv2d: SVDLinear over im2col patches     optim  AdamW as torch computes it
+    layer          SVDLinear forward / backward / merge
     config         AdaLoraConfig, adapter_config.json, target matching
     _backend       the one place that knows array libraries
 """
@@ -17,6 +18,7 @@ by hand. Module map (data flows downwards):
 from .allocator import Allocation, RankAllocator, budget_schedule
 from .checkpoint import load_adapter, save_adapter
 from .config import AdaLoraConfig
+from .conv import BaseConv2d, SVDConv2d
 from .layer import SVDLinear, SVDTriplet, TripletGrads, init_triplet
 from .mlp import MLP, cross_entropy_loss, mse_loss
 from .model import AdaLoraModel, BaseLinear
@@ -30,8 +32,10 @@ __all__ = [
     "AdaLoraModel",
     "AdamW",
     "Allocation",
+    "BaseConv2d",
     "BaseLinear",
     "RankAllocator",
+    "SVDConv2d",
     "SVDLinear",
     "SVDTriplet",
     "StepResult",

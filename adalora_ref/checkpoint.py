@@ -33,7 +33,7 @@ from safetensors.numpy import save as save_safetensors_bytes
 from ._backend import device_of, from_numpy, namespace, to_numpy
 from .config import AdaLoraConfig
 from .layer import SVDTriplet
-from .model import E_SUFFIX, AdaLoraModel, BaseLinear
+from .model import E_SUFFIX, AdaLoraModel, BaseLayer
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -146,7 +146,7 @@ def read_adapter(directory: str | os.PathLike[str]) -> tuple[AdaLoraConfig, dict
 
 def load_adapter(
     directory: str | os.PathLike[str],
-    base_layers: Mapping[str, BaseLinear],
+    base_layers: Mapping[str, BaseLayer],
     *,
     adapter_name: str = "default",
     inference_mode: bool | None = None,

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._backend import Array, check_dtype, check_shape, device_of, dtype_name_or_raise, namespace
-from .layer import SVDLinear, SVDTriplet, TripletGrads
+from .layer import LoraAdapter, SVDLinear, SVDTriplet, TripletGrads, linear_forward, linear_input_grad
 
 IntPair = int | tuple[int, int]
 Padding = IntPair | str
@@ -178,6 +178,75 @@ def col2im(
     return grad_padded[:, :, top : top + h, left : left + w]  # (N, C, H, W)
 
 
+def image_to_rows(y: Array) -> Array:
+    """(N, C, Ho, Wo) -> (N*Ho*Wo, C): one row per output position, in im2col's row order."""
+    xp = namespace(y)
+    n, c, ho, wo = y.shape
+    return xp.reshape(xp.permute_dims(y, (0, 2, 3, 1)), (n * ho * wo, c))  # via (N, Ho, Wo, C)
+
+
+def rows_to_image(y2d: Array, n: int, out_hw: tuple[int, int]) -> Array:
+    """(N*Ho*Wo, C) -> (N, C, Ho, Wo): the inverse of `image_to_rows`."""
+    xp = namespace(y2d)
+    y = xp.reshape(y2d, (n, *out_hw, y2d.shape[1]))  # (N, Ho, Wo, C)
+    return xp.permute_dims(y, (0, 3, 1, 2))
+
+
+@dataclass
+class BaseConv2d:
+    """A frozen Conv2d (torch.nn.Conv2d's parameters): kernel (out_channels, in_channels, kh, kw), bias
+    (out_channels,) or None, and its geometry. Only zero padding; groups must be 1 where an adapter goes."""
+
+    weight: Array
+    bias: Array | None = None
+    stride: IntPair = 1
+    padding: Padding = 0
+    dilation: IntPair = 1
+    groups: int = 1
+
+    @property
+    def patch_size(self) -> int:
+        """in_channels * kh * kw: the length of one im2col row, A's second dimension under an adapter."""
+        _, c, kh, kw = self.weight.shape
+        return int(c * kh * kw)
+
+
+@dataclass
+class FrozenConv2dCache:
+    """What the backward of a frozen convolution needs: the input's shape, (Ho, Wo) and the patches."""
+
+    x_shape: tuple[int, int, int, int]
+    out_hw: tuple[int, int]
+    x2d: Array  # (N*Ho*Wo, C*kh*kw): the patches, for a weight gradient when the layer trains (modules_to_save)
+
+
+def conv2d_forward(x: Array, conv: BaseConv2d, name: str = "conv") -> tuple[Array, FrozenConv2dCache]:
+    """y = conv2d(x, W, b) for x (N, C, H, W): im2col, one matrix product, back to (N, out, Ho, Wo)."""
+    if conv.groups != 1:
+        raise ValueError(f"{name}: groups = {conv.groups} is not supported (only groups = 1)")
+    xp = namespace(x, conv.weight)
+    out_channels, in_channels = conv.weight.shape[:2]
+    if len(x.shape) != 4 or x.shape[1] != in_channels:
+        raise ValueError(f"{name}: input has shape {tuple(x.shape)}, expected (N, {in_channels}, H, W)")
+    check_dtype(f"{name} input", x, conv.weight.dtype)
+    try:
+        patches, out_hw = im2col(x, tuple(conv.weight.shape[2:]), conv.stride, conv.padding, conv.dilation)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
+    flat_kernel = xp.reshape(conv.weight, (out_channels, conv.patch_size))  # (out, C*kh*kw)
+    y2d = linear_forward(patches, flat_kernel, conv.bias)  # (N*Ho*Wo, out)
+    return rows_to_image(y2d, x.shape[0], out_hw), FrozenConv2dCache(tuple(x.shape), out_hw, patches)
+
+
+def conv2d_input_grad(cache: FrozenConv2dCache, grad_y: Array, conv: BaseConv2d) -> Array:
+    """dL/dx (N, C, H, W) of a frozen convolution from dL/dy (N, out, Ho, Wo)."""
+    xp = namespace(grad_y, conv.weight)
+    flat_kernel = xp.reshape(conv.weight, (conv.weight.shape[0], conv.patch_size))  # (out, C*kh*kw)
+    grad_patches = linear_input_grad(image_to_rows(grad_y), flat_kernel)  # (N*Ho*Wo, C*kh*kw)
+    kernel = tuple(conv.weight.shape[2:])
+    return col2im(grad_patches, cache.x_shape, kernel, conv.stride, conv.padding, conv.dilation)
+
+
 @dataclass
 class Conv2dCache:
     """What `SVDConv2d.backward` needs from its forward: the input's shape, (Ho, Wo) and SVDLinear's cache."""
@@ -210,6 +279,7 @@ class SVDConv2d:
         groups: int = 1,
         ranknum: float | None = None,
         name: str = "layer",
+        adapter_name: str = "default",
     ) -> None:
         self.name = name
         xp = namespace(weight, bias)
@@ -237,7 +307,9 @@ class SVDConv2d:
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from None
         flat_kernel = xp.reshape(weight, (out_channels, in_channels * kh * kw))  # (out, in*kh*kw)
-        self.linear = SVDLinear(flat_kernel, bias, triplet, lora_alpha=lora_alpha, ranknum=ranknum, name=name)
+        self.linear = SVDLinear(
+            flat_kernel, bias, triplet, lora_alpha=lora_alpha, ranknum=ranknum, name=name, adapter_name=adapter_name
+        )
 
     # -- the SVDLinear surface, seen through the kernel's shape ---------------------------------
 
@@ -253,6 +325,10 @@ class SVDConv2d:
     @property
     def bias(self) -> Array | None:
         return self.linear.bias
+
+    @bias.setter
+    def bias(self, bias: Array | None) -> None:
+        self.linear.bias = bias
 
     @property
     def in_features(self) -> int:
@@ -289,6 +365,38 @@ class SVDConv2d:
     @property
     def merged(self) -> bool:
         return self.linear.merged
+
+    # Several adapters: SVDLinear keeps them; these pass its state through unchanged.
+
+    @property
+    def adapters(self) -> dict[str, LoraAdapter]:
+        return self.linear.adapters
+
+    def add_adapter(
+        self, adapter_name: str, triplet: SVDTriplet, *, lora_alpha: float, ranknum: float | None = None
+    ) -> None:
+        """Add (or replace) an adapter: A (r, in_channels*kh*kw), E (r, 1), B (out_channels, r); not made active."""
+        self.linear.add_adapter(adapter_name, triplet, lora_alpha=lora_alpha, ranknum=ranknum)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.linear.active_adapters
+
+    @active_adapters.setter
+    def active_adapters(self, names: list[str]) -> None:
+        self.linear.active_adapters = names
+
+    @property
+    def trainable_adapter(self) -> str | None:
+        return self.linear.trainable_adapter
+
+    @trainable_adapter.setter
+    def trainable_adapter(self, name: str | None) -> None:
+        self.linear.trainable_adapter = name
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        return self.linear.merged_adapters
 
     @property
     def disable_adapters(self) -> bool:
@@ -338,8 +446,7 @@ class SVDConv2d:
             mask4 = dropout_mask if batched else xp.expand_dims(dropout_mask, axis=0)  # (N, C, H, W)
             mask_patches = self._im2col(mask4)[0]  # (N*Ho*Wo, C*kh*kw)
         y2d, linear_cache = self.linear.forward(patches, mask_patches)  # (N*Ho*Wo, out)
-        y = xp.reshape(y2d, (n, ho, wo, self.out_channels))  # (N, Ho, Wo, out)
-        y = xp.permute_dims(y, (0, 3, 1, 2))  # (N, out, Ho, Wo)
+        y = rows_to_image(y2d, n, (ho, wo))  # (N, out, Ho, Wo)
         return (y if batched else y[0, ...]), Conv2dCache(tuple(x.shape), (ho, wo), linear_cache)
 
     def backward(self, cache: Conv2dCache, grad_y: Array) -> tuple[Array, TripletGrads | None]:
@@ -352,9 +459,7 @@ class SVDConv2d:
         out_shape = (n, self.out_channels, ho, wo) if batched else (self.out_channels, ho, wo)
         check_shape(f"{self.name} grad_y", grad_y, out_shape)
         check_dtype(f"{self.name} grad_y", grad_y, self.linear.weight.dtype)
-        g = xp.reshape(grad_y, (n, self.out_channels, ho, wo))  # (N, out, Ho, Wo)
-        g = xp.permute_dims(g, (0, 2, 3, 1))  # (N, Ho, Wo, out)
-        g2d = xp.reshape(g, (n * ho * wo, self.out_channels))  # (N*Ho*Wo, out)
+        g2d = image_to_rows(xp.reshape(grad_y, (n, self.out_channels, ho, wo)))  # (N*Ho*Wo, out)
         grad_patches, grads = self.linear.backward(cache.linear, g2d)  # (N*Ho*Wo, C*kh*kw)
         x4_shape = (n, *cache.x_shape[-3:])
         grad_x = col2im(grad_patches, x4_shape, self.kernel_size, self.stride, self.padding, self.dilation)
@@ -362,14 +467,14 @@ class SVDConv2d:
 
     # -- merging ------------------------------------------------------------------------------
 
-    def delta_weight(self) -> Array:
+    def delta_weight(self, adapter_name: str | None = None) -> Array:
         """delta_w = (B @ (A * E) * scaling / (ranknum + 1e-5)), shaped as the kernel (out, in, kh, kw)."""
-        delta = self.linear.delta_weight()  # (out, in*kh*kw)
+        delta = self.linear.delta_weight(adapter_name)  # (out, in*kh*kw)
         return namespace(delta).reshape(delta, self.kernel_shape)
 
-    def merge(self, safe_merge: bool = False) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add delta_w into the kernel (SVDLinear.merge: safe_merge refuses NaN / Inf and leaves the kernel)."""
-        self.linear.merge(safe_merge=safe_merge)
+        self.linear.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unmerge(self) -> None:
         """Subtract the merged delta_w from the kernel; warns when nothing is merged."""

@@ -1,9 +1,12 @@
-"""A model of named linear layers with AdaLoRA adapters on the targeted ones, and peft's lifecycle.
+"""A model of named linear and conv layers with AdaLoRA adapters on the targeted ones, and peft's lifecycle.
 
-`AdaLoraModel` holds base linear layers by name (weight, optional bias). The layers an adapter's
-config targets (`target_modules`, peft's matching, see config.is_target) are wrapped in
-`SVDLinear` with r = init_r and the config's lora_alpha, in the order the layers were given (peft
-wraps in the order of `named_modules()`, which is the definition order).
+`AdaLoraModel` holds base layers by name: `BaseLinear` (weight, optional bias) and `BaseConv2d`
+(conv.py: kernel, bias, stride, padding, dilation). The layers an adapter's config targets
+(`target_modules`, peft's matching, see config.is_target) are wrapped in `SVDLinear` or
+`SVDConv2d` with r = init_r and the config's lora_alpha, in the order the layers were given (peft
+wraps in the order of `named_modules()`, which is the definition order). A conv triplet is an
+ordinary triplet whose A has in_channels * kh * kw columns: the allocator, the orthogonal term,
+resizing and checkpoints treat it exactly like a linear one, as peft does.
 
 Adapters, as peft: one trainable adapter (its config has inference_mode False) plus any number in
 inference mode; adding a second trainable one is refused with peft's error. The forward sums the
@@ -23,6 +26,7 @@ The forward of a whole network lives in mlp.py; the call order of a training ste
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -31,6 +35,7 @@ import numpy as np
 from ._backend import Array, device_of, dtype_name_or_raise, namespace
 from .allocator import Allocation, RankAllocator, mask_using_rank_pattern
 from .config import AdaLoraConfig, is_module_to_save, is_target
+from .conv import BaseConv2d, SVDConv2d
 from .layer import SVDLinear, SVDTriplet, TripletGrads, init_triplet
 from .orth import orthogonal_regularizer
 
@@ -49,12 +54,16 @@ class BaseLinear:
     bias: Array | None = None
 
 
+BaseLayer = BaseLinear | BaseConv2d
+AdaptedLayer = SVDLinear | SVDConv2d
+
+
 class AdaLoraModel:
-    """Named linear layers; the targeted ones carry AdaLoRA adapters."""
+    """Named linear and conv layers; the targeted ones carry AdaLoRA adapters."""
 
     def __init__(
         self,
-        base_layers: Mapping[str, BaseLinear],
+        base_layers: Mapping[str, BaseLayer],
         config: AdaLoraConfig,
         rng: np.random.Generator | None = None,
         adapter_name: str = "default",
@@ -62,10 +71,12 @@ class AdaLoraModel:
         if not base_layers:
             raise ValueError("AdaLoraModel needs at least one base layer")
         for name, base in base_layers.items():
+            if not isinstance(base, (BaseLinear, BaseConv2d)):
+                raise ValueError(f"layer {name!r} is a {type(base).__name__}, not a BaseLinear or BaseConv2d")
             dtype_name_or_raise(f"{name}.weight", base.weight)
         self.names = list(base_layers)
-        self.base: dict[str, BaseLinear] = dict(base_layers)  # the layers no adapter targets
-        self.adapted: dict[str, SVDLinear] = {}
+        self.base: dict[str, BaseLayer] = dict(base_layers)  # the layers no adapter targets
+        self.adapted: dict[str, AdaptedLayer] = {}
         self.peft_config: dict[str, AdaLoraConfig] = {}
         self.active_adapters = [adapter_name]
         self.trainable_adapter_name: str | None = None
@@ -101,8 +112,11 @@ class AdaLoraModel:
     def _attach(self, name: str, adapter_name: str, config: AdaLoraConfig, rng: np.random.Generator) -> None:
         layer = self.adapted.get(name)
         weight = layer.weight if layer is not None else self.base[name].weight
-        rows, cols = weight.shape
-        n_in, n_out = (rows, cols) if config.fan_in_fan_out else (cols, rows)
+        if len(weight.shape) == 4:  # a kernel (out, in, kh, kw): A spans one im2col patch
+            n_in, n_out = math.prod(weight.shape[1:]), weight.shape[0]
+        else:
+            rows, cols = weight.shape
+            n_in, n_out = (rows, cols) if config.fan_in_fan_out else (cols, rows)
         triplet = init_triplet(
             rng,
             config.init_r,
@@ -116,16 +130,31 @@ class AdaLoraModel:
         if layer is not None:
             layer.add_adapter(adapter_name, triplet, lora_alpha=config.lora_alpha)
             return
-        base = self.base.pop(name)
-        layer = SVDLinear(
-            base.weight,
-            base.bias,
-            triplet,
-            lora_alpha=config.lora_alpha,
-            fan_in_fan_out=config.fan_in_fan_out,
-            name=name,
-            adapter_name=adapter_name,
-        )
+        base = self.base[name]
+        if isinstance(base, BaseConv2d):  # peft ignores fan_in_fan_out for a Conv2d
+            layer = SVDConv2d(
+                base.weight,
+                base.bias,
+                triplet,
+                lora_alpha=config.lora_alpha,
+                stride=base.stride,
+                padding=base.padding,
+                dilation=base.dilation,
+                groups=base.groups,
+                name=name,
+                adapter_name=adapter_name,
+            )
+        else:
+            layer = SVDLinear(
+                base.weight,
+                base.bias,
+                triplet,
+                lora_alpha=config.lora_alpha,
+                fan_in_fan_out=config.fan_in_fan_out,
+                name=name,
+                adapter_name=adapter_name,
+            )
+        del self.base[name]
         layer.active_adapters = list(self.active_adapters)
         layer.trainable_adapter = self.trainable_adapter_name
         self.adapted[name] = layer
@@ -213,7 +242,7 @@ class AdaLoraModel:
                 raise ValueError(f"{key}: new shape {tuple(value.shape)} != {tuple(before.shape)}")
             setattr(self.layer(name), attr, value)
 
-    def layer(self, name: str) -> SVDLinear | BaseLinear:
+    def layer(self, name: str) -> AdaptedLayer | BaseLayer:
         return self.adapted[name] if name in self.adapted else self.base[name]
 
     # -- the orthogonal regularizer -----------------------------------------------------------
