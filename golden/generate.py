@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import platform
 import shutil
 import sys
@@ -76,17 +77,37 @@ def exact(key: str, quantity: str, *, step: int | None = None, layer: str | None
 
 
 class Stack(torch.nn.Module):
-    """Named base layers; `forward` runs them in order with ReLU between and returns `.loss`."""
+    """Named base layers; `forward` runs them in order with ReLU between and returns `.loss`.
 
-    def __init__(self, layers: list[tuple[str, int, int]], *, conv1d: bool = False, bias: bool = True) -> None:
+    A layer named in `convs` is a torch.nn.Conv2d built from its entry (in_channels, out_channels,
+    kernel_size, stride, padding, dilation); a 4-D activation is flattened (torch.flatten(x, 1))
+    before a linear layer.
+    """
+
+    def __init__(
+        self,
+        layers: list[tuple[str, int, int]],
+        *,
+        conv1d: bool = False,
+        bias: bool = True,
+        convs: dict[str, dict] | None = None,
+    ) -> None:
         super().__init__()
         self.order = [name for name, _, _ in layers]
+        convs = convs or {}
+        self.conv_names = set(convs)
         for name, n_in, n_out in layers:
-            self.add_module(name, Conv1D(n_out, n_in) if conv1d else torch.nn.Linear(n_in, n_out, bias=bias))
+            if name in convs:
+                layer = torch.nn.Conv2d(**convs[name], bias=bias)
+            else:
+                layer = Conv1D(n_out, n_in) if conv1d else torch.nn.Linear(n_in, n_out, bias=bias)
+            self.add_module(name, layer)
         self.loss_name = "mse"
 
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> Any:
         for i, name in enumerate(self.order):
+            if x.dim() == 4 and name not in self.conv_names:
+                x = torch.flatten(x, 1)
             x = getattr(self, name)(x)
             if i < len(self.order) - 1:
                 x = torch.relu(x)
@@ -196,6 +217,116 @@ def gen_layer(name: str, dtype: str, seed: int, spec: tuple) -> Case:
     record(c, tensor("merged_weight", "merged base weight"), t2n(base.weight))
     layer.unmerge()
     record(c, tensor("unmerged_weight", "unmerged base weight"), t2n(base.weight))
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# conv_layer: SVDConv2d forward, the four gradients, delta weight (a kernel), merge, unmerge
+
+CONV_LAYER_CASES = [
+    # name, conv (torch.nn.Conv2d's arguments), r, lora_alpha, bias, input shape, dropout p
+    ("basic", {"in_channels": 3, "out_channels": 4, "kernel_size": 3, "padding": 1}, 4, 8, True, (2, 3, 6, 5), 0.0),
+    (
+        "strided_dilated",
+        {
+            "in_channels": 4,
+            "out_channels": 6,
+            "kernel_size": (2, 3),
+            "stride": (2, 1),
+            "padding": (1, 0),
+            "dilation": (1, 2),
+        },
+        3,
+        16,
+        True,
+        (2, 4, 7, 9),
+        0.0,
+    ),
+    (
+        "same_padding",
+        {"in_channels": 2, "out_channels": 3, "kernel_size": (3, 2), "padding": "same", "dilation": (2, 1)},
+        2,
+        8,
+        False,
+        (1, 2, 5, 6),
+        0.0,
+    ),
+    ("pointwise_alpha_zero", {"in_channels": 5, "out_channels": 3, "kernel_size": 1}, 4, 0, True, (3, 5, 4, 4), 0.0),
+    (
+        "unbatched_valid",
+        {"in_channels": 3, "out_channels": 2, "kernel_size": 2, "padding": "valid"},
+        2,
+        8,
+        True,
+        (3, 5, 5),
+        0.0,
+    ),
+    (
+        "dropout",
+        {"in_channels": 3, "out_channels": 4, "kernel_size": 3, "stride": 2, "padding": 1},
+        3,
+        8,
+        True,
+        (2, 3, 6, 6),
+        0.25,
+    ),
+]
+
+
+def gen_conv_layer(dtype: str, seed: int, spec: tuple) -> Case:
+    name, conv, r, alpha, bias, input_shape, p = spec
+    config = {
+        "conv": conv,
+        "r": r,
+        "lora_alpha": alpha,
+        "bias": bias,
+        "lora_dropout": p,
+        "input_shape": list(input_shape),
+    }
+    description = f"SVDConv2d forward, backward and merge: {name}"
+    c = case("conv_layer", f"{name}_{dtype[-2:]}", dtype, description, config, seed)
+    torch.manual_seed(seed)
+    stack = Stack([("conv", 0, 0)], bias=bias, convs={"conv": conv}).to(TORCH_DTYPES[dtype])
+    model = adalora(
+        stack,
+        target_modules=["conv"],
+        init_r=r,
+        target_r=0,
+        total_step=10,
+        lora_alpha=alpha,
+        lora_dropout=p,
+        init_lora_weights=False,
+    )
+    layer = model.base_model.model.conv
+    base = layer.get_base_layer()
+    c.inputs["weight"] = t2n(base.weight)
+    if base.bias is not None:
+        c.inputs["bias"] = t2n(base.bias)
+    for part in PARTS:
+        c.inputs[part] = t2n(lora(layer, part))
+    x = torch.randn(*input_shape, dtype=TORCH_DTYPES[dtype], requires_grad=True)
+    model.train()
+    with torch.no_grad():
+        out_shape = base(x).shape
+    grad_y = torch.randn(*out_shape, dtype=TORCH_DTYPES[dtype])
+    c.inputs["x"], c.inputs["grad_y"] = t2n(x), t2n(grad_y)
+    if p > 0:
+        torch.manual_seed(seed + 1)
+        c.inputs["dropout_mask"] = t2n(torch.nn.functional.dropout(torch.ones_like(x), p, training=True))
+        torch.manual_seed(seed + 1)  # peft's dropout draws the same mask
+    y = layer(x)
+    y.backward(grad_y)
+    record(c, exact("scaling", "scaling"), layer.scaling["default"])
+    record(c, exact("ranknum", "ranknum"), float(layer.ranknum["default"].detach()))
+    record(c, tensor("y", "output y"), t2n(y))
+    record(c, tensor("grad_x", "input gradient"), t2n(x.grad))
+    for part in PARTS:
+        record(c, tensor(f"grad_{part}", f"gradient of {part}"), t2n(lora(layer, part).grad))
+    record(c, tensor("delta_weight", "delta weight (a kernel)"), t2n(layer.get_delta_weight("default")))
+    layer.merge()
+    record(c, tensor("merged_weight", "merged base kernel"), t2n(base.weight))
+    layer.unmerge()
+    record(c, tensor("unmerged_weight", "unmerged base kernel"), t2n(base.weight))
     return c
 
 
@@ -471,11 +602,36 @@ def decision_margin(scores: np.ndarray, threshold: float) -> float:
 TRAJECTORY_LAYERS = [("fc1", 8, 16, True), ("fc2", 16, 12, True), ("fc3", 12, 10, True), ("head", 10, 4, False)]
 
 
+CNN_LAYERS = [("conv1", 3, 4, True), ("conv2", 4, 6, True), ("fc1", 48, 10, True), ("head", 10, 4, False)]
+CNN_CONVS = {
+    "conv1": {"in_channels": 3, "out_channels": 4, "kernel_size": 3, "padding": 1},
+    "conv2": {
+        "in_channels": 4,
+        "out_channels": 6,
+        "kernel_size": (2, 3),
+        "stride": 2,
+        "dilation": (1, 2),
+        "padding": (1, 0),
+    },
+}
+CNN_INPUT = (3, 7, 8)  # conv1 keeps 7 x 8, conv2 gives 4 x 2: fc1 sees 6 * 4 * 2 = 48 features
+
+
 def gen_trajectory(
-    name: str, dtype: str, loss: str, seed: int, overrides: dict | None = None, other: dict | None = None
+    name: str,
+    dtype: str,
+    loss: str,
+    seed: int,
+    overrides: dict | None = None,
+    other: dict | None = None,
+    *,
+    layers: list[tuple[str, int, int, bool]] = TRAJECTORY_LAYERS,
+    convs: dict[str, dict] | None = None,
+    sample_shape: tuple[int, ...] = (8,),
 ) -> Case:
     """`overrides` change the adapter's config (bias modes, modules_to_save, a shorter schedule);
-    `other` adds an inference-mode adapter "other", active together with "default"."""
+    `other` adds an inference-mode adapter "other", active together with "default"; `layers`,
+    `convs` and `sample_shape` give another network (a CNN: conv layers, a flatten, linear layers)."""
     adalora_config = {
         "init_r": 6,
         "target_r": 3,
@@ -485,13 +641,15 @@ def gen_trajectory(
         "total_step": 60,
         "lora_alpha": 8,
         "orth_reg_weight": 0.5,
-        "target_modules": ["fc1", "fc2", "fc3"],
+        "target_modules": [n for n, *_, targeted in layers if targeted],
         **(overrides or {}),
     }
     lr, batch = 0.02, 16
     n_steps = adalora_config["total_step"] + 6
     config = {
-        "layers": [list(layer) for layer in TRAJECTORY_LAYERS],
+        "layers": [list(layer) for layer in layers],
+        "conv": convs or {},
+        "sample_shape": list(sample_shape),
         "adalora": adalora_config,
         "lr": lr,
         "loss": loss,
@@ -510,14 +668,14 @@ def gen_trajectory(
     )
     torch.manual_seed(seed)
     torch_dtype = TORCH_DTYPES[dtype]
-    stack = Stack([(n, i, o) for n, i, o, _ in TRAJECTORY_LAYERS]).to(torch_dtype)
+    stack = Stack([(n, i, o) for n, i, o, _ in layers], convs=convs).to(torch_dtype)
     stack.loss_name = loss
     model = adalora(stack, **adalora_config)
     if other is not None:
         model.add_adapter("other", peft.AdaLoraConfig(**other))
         model.base_model.set_adapter(["default", "other"])
     inner = model.base_model.model
-    for n, _, _, targeted in TRAJECTORY_LAYERS:
+    for n, _, _, targeted in layers:
         module = getattr(inner, n)
         base = module.get_base_layer() if targeted else getattr(module, "original_module", module)
         c.inputs[f"base.{n}.weight"], c.inputs[f"base.{n}.bias"] = t2n(base.weight), t2n(base.bias)
@@ -525,7 +683,7 @@ def gen_trajectory(
             if targeted and adapter in getattr(module, "lora_A", {}):
                 for part in PARTS:
                     c.inputs[f"{prefix}.{n}.{part}"] = t2n(getattr(module, part)[adapter])
-    targets = [n for n, *_, targeted in TRAJECTORY_LAYERS if targeted]
+    targets = [n for n, *_, targeted in layers if targeted]
     # what trains: the default adapter's tensors and the base parameters its bias / modules_to_save
     # settings free. Never ranknum (in float64 peft leaves it trainable: docs/SPEC.md, "Driving peft"),
     # never the "other" adapter (set_adapter makes every active adapter require grad: a peft quirk).
@@ -538,8 +696,9 @@ def gen_trajectory(
     rng = np.random.default_rng(seed)
     final_step = adalora_config["total_step"] - adalora_config["tfinal"]
     for step in range(1, n_steps + 1):
-        x = rng.normal(size=(batch, 8)).astype(dtype)
-        target = rng.normal(size=(batch, 4)).astype(dtype) if loss == "mse" else rng.integers(0, 4, size=batch)
+        x = rng.normal(size=(batch, *sample_shape)).astype(dtype)
+        n_out = layers[-1][2]
+        target = rng.normal(size=(batch, n_out)).astype(dtype) if loss == "mse" else rng.integers(0, n_out, size=batch)
         c.inputs[f"step{step}.x"], c.inputs[f"step{step}.target"] = x, target
         out = model.base_model(torch.tensor(x), torch.tensor(target))  # base_model: the orthogonal term is added
         out.loss.backward()
@@ -732,6 +891,10 @@ def all_cases() -> Iterator[tuple[Case, dict[str, bytes]]]:
         for spec in LAYER_CASES:
             seed += 1
             yield gen_layer(spec[0], dtype, seed, spec), {}
+    for dtype in ("float64", "float32"):
+        for spec in CONV_LAYER_CASES:
+            seed += 1
+            yield gen_conv_layer(dtype, 50 + seed, spec), {}
     yield gen_init(True, 101), {}
     yield gen_init(False, 102), {}
     yield gen_orth("basic_f64", "float64", 201, 4, 0.5, False), {}
@@ -764,6 +927,9 @@ def all_cases() -> Iterator[tuple[Case, dict[str, bytes]]]:
         "init_lora_weights": False,
     }
     yield gen_trajectory("two_adapters", "float64", "mse", 505, short, other), {}
+    cnn = {"layers": CNN_LAYERS, "convs": CNN_CONVS, "sample_shape": CNN_INPUT}
+    yield gen_trajectory("cnn", "float64", "mse", 506, short, **cnn), {}
+    yield gen_trajectory("cnn_bias_all", "float32", "cross_entropy", 507, {**short, "bias": "all"}, **cnn), {}
     yield gen_checkpoint("trained_and_saved", 600, 3, None)
     yield gen_checkpoint("one_layer_fully_pruned", 601, 2, "fc3")
     yield gen_config(700), {}
@@ -829,4 +995,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # peft writes target_modules, a set, into adapter_config.json in the set's iteration order,
+    # which follows Python's string hashing: fix the hash seed so the files come out byte-identical.
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"})
     sys.exit(main())

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from adalora_ref import allocator as allocator_module
+from adalora_ref import conv as conv_module
 from adalora_ref import model as model_module
 from adalora_ref._backend import BACKENDS, get_backend
 from adalora_ref.allocator import Allocation, ImportanceState, RankAllocator
@@ -32,6 +33,7 @@ def test_bundled_cases_cover_every_kind_and_stay_small() -> None:
     manifest = read_manifest(CASES)
     assert {i.split("/")[0] for i in ALL_IDS} == {
         "layer",
+        "conv_layer",
         "init",
         "orth",
         "schedule",
@@ -238,6 +240,17 @@ def keep_top_budget_by_count(self, params, budget):
     return out
 
 
+real_im2col = conv_module.im2col
+
+
+def im2col_taps_outer(x, kernel_size, *args):
+    """Patch columns ordered (kh, kw, C) instead of torch's (C, kh, kw): A's columns meet the wrong pixels."""
+    patches, out_hw = real_im2col(x, kernel_size, *args)
+    n_rows, c = patches.shape[0], x.shape[1]
+    taps = patches.shape[1] // c
+    return np.reshape(np.swapaxes(np.reshape(patches, (n_rows, c, taps)), 1, 2), (n_rows, c * taps)), out_hw
+
+
 WRONG_PORTS = [
     # (the mistake, what to patch, the case, the quantity that must be named first)
     (
@@ -260,6 +273,12 @@ WRONG_PORTS = [
         "exp_avg_unc of q.lora_A at step 1",
     ),
     ("scaling = lora_alpha / r", (reference, "SVDLinear", AlphaOverR), "layer/basic_64", "scaling is 2, expected 8"),
+    (
+        "conv patches ordered (kh, kw, C)",
+        (conv_module, "im2col", im2col_taps_outer),
+        "conv_layer/basic_64",
+        "output y",
+    ),
     (
         "ranknum changed by masking",
         (model_module.AdaLoraModel, "set_lora_E", ranknum_follows_mask),

@@ -4,7 +4,7 @@ A case is two files side by side, `<id>.json` and `<id>.safetensors`, where `<id
 as `layer/linear_bias_f64`. The JSON holds:
 
     format       "adalora-ref-golden/1"
-    id, kind     the case's path and what it exercises (layer, init, orth, schedule, allocator,
+    id, kind     the case's path and what it exercises (layer, conv_layer, init, orth, schedule, allocator,
                  trajectory, checkpoint, config)
     dtype        "float32" or "float64": the dtype every float input and output has
     description  one sentence
@@ -43,7 +43,7 @@ from safetensors.numpy import save as save_safetensors_bytes
 
 FORMAT = "adalora-ref-golden/1"
 MANIFEST = "MANIFEST.json"
-KINDS = ("layer", "init", "orth", "schedule", "allocator", "trajectory", "checkpoint", "config")
+KINDS = ("layer", "conv_layer", "init", "orth", "schedule", "allocator", "trajectory", "checkpoint", "config")
 
 
 @dataclass

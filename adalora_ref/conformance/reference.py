@@ -17,6 +17,7 @@ from .._backend import dtype_by_name, from_numpy, to_numpy
 from ..allocator import PARTS
 from ..checkpoint import adapter_state_dict, load_adapter
 from ..config import AdaLoraConfig
+from ..conv import BaseConv2d, SVDConv2d
 from ..layer import SVDLinear, SVDTriplet, TripletGrads, init_triplet
 from ..mlp import MLP, cross_entropy_loss, mse_loss
 from ..model import AdaLoraModel, BaseLinear
@@ -57,6 +58,24 @@ def run_layer(case: Case, xp: Any) -> Outputs:
     layer = SVDLinear(
         get("weight"), get.get("bias"), get.triplet(""), lora_alpha=c["lora_alpha"], fan_in_fan_out=c["fan_in_fan_out"]
     )
+    return _layer_outputs(layer, get)
+
+
+def _conv_geometry(conv: dict[str, Any]) -> dict[str, Any]:
+    """stride, padding and dilation of a case's torch.nn.Conv2d arguments (torch's defaults where absent)."""
+    return {"stride": conv.get("stride", 1), "padding": conv.get("padding", 0), "dilation": conv.get("dilation", 1)}
+
+
+def run_conv_layer(case: Case, xp: Any) -> Outputs:
+    c, get = case.config, _Inputs(case, xp)
+    layer = SVDConv2d(
+        get("weight"), get.get("bias"), get.triplet(""), lora_alpha=c["lora_alpha"], **_conv_geometry(c["conv"])
+    )
+    return _layer_outputs(layer, get)
+
+
+def _layer_outputs(layer: SVDLinear | SVDConv2d, get: _Inputs) -> Outputs:
+    """A layer case's outputs: forward, backward, delta weight, merge and unmerge, in that order."""
     y, cache = layer.forward(get("x"), get.get("dropout_mask"))
     grad_x, grads = layer.backward(cache, get("grad_y"))
     out: Outputs = {"scaling": layer.scaling, "ranknum": float(layer.ranknum[0]), "y": _np(y), "grad_x": _np(grad_x)}
@@ -163,9 +182,13 @@ def run_allocator(case: Case, xp: Any) -> Outputs:
 
 def _mlp_from_case(case: Case, xp: Any, config: AdaLoraConfig) -> MLP:
     get = _Inputs(case, xp)
-    base = {
-        name: BaseLinear(get(f"base.{name}.weight"), get.get(f"base.{name}.bias")) for name, *_ in case.config["layers"]
-    }
+    convs = case.config.get("conv", {})
+    base: dict[str, BaseLinear | BaseConv2d] = {}
+    for name, *_ in case.config["layers"]:
+        weight, bias = get(f"base.{name}.weight"), get.get(f"base.{name}.bias")
+        base[name] = (
+            BaseConv2d(weight, bias, **_conv_geometry(convs[name])) if name in convs else BaseLinear(weight, bias)
+        )
     return MLP(AdaLoraModel(base, config))
 
 
@@ -229,6 +252,7 @@ def run_config(case: Case, xp: Any) -> Outputs:
 
 RUNNERS: dict[str, Callable[[Case, Any], Outputs]] = {
     "layer": run_layer,
+    "conv_layer": run_conv_layer,
     "init": run_init,
     "orth": run_orth,
     "schedule": run_schedule,
