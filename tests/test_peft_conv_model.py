@@ -173,3 +173,29 @@ def test_cnn_checkpoints_both_ways(tmp_path: Path) -> None:
     assert_close(np.asarray(MLP(ours).forward(x)[0]), peft_outputs(tmp_path / "peft", x), 1e-12, "peft's file in ours")
     save_adapter(ours, tmp_path / "ours")
     assert_close(peft_outputs(tmp_path / "ours", x), np.asarray(MLP(ours).forward(x)[0]), 1e-12, "our file in peft")
+
+
+def test_two_adapters_on_conv_layers_sum_as_in_peft() -> None:
+    """An inference adapter beside the trained one on conv and linear layers: the forward sums both."""
+    torch, peft = require_peft()
+    peft_model, model = peft_and_ours("none", seed=16)
+    other = {"target_modules": ["conv2", "fc1"], "init_r": 3, "target_r": 1, "total_step": 30, "lora_alpha": 16}
+    other.update(inference_mode=True, init_lora_weights=False)  # random E: the adapter adds something
+    peft_model.add_adapter("other", peft.AdaLoraConfig(**other))
+    peft_model.base_model.set_adapter(["default", "other"])
+    inner = peft_model.base_model.model
+    with torch.no_grad():
+        for n in TARGETS:
+            getattr(inner, n).lora_E["default"].normal_()  # E starts at 0: make "default" count too
+    model.add_adapter("other", AdaLoraConfig(**other))
+    for adapter, names in (("default", TARGETS), ("other", ["conv2", "fc1"])):
+        copied = {n: SVDTriplet(*(t2n(getattr(getattr(inner, n), k)[adapter]) for k in PARTS)) for n in names}
+        model.set_triplets(copied, adapter)
+    model.set_adapter(["default", "other"])
+    x = np.random.default_rng(17).normal(size=(3, *IMAGE))
+    with torch.no_grad():
+        theirs = t2n(inner(torch.tensor(x), torch.zeros(3, 2, dtype=torch.float64)).logits)
+    ours = np.asarray(MLP(model).forward(x)[0])
+    assert_close(ours, theirs, 1e-12, "two adapters")
+    model.set_adapter("default")
+    assert np.max(np.abs(np.asarray(MLP(model).forward(x)[0]) - theirs)) > 1e-6  # "other" really took part
