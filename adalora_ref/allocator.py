@@ -74,15 +74,21 @@ def update_importance(
 ) -> ImportanceState:
     """One EMA step of sensitivity and uncertainty; `state` None means all zeros (the first step).
 
-    `abs()` is the array API's `__abs__`, so this hot path (three calls per layer and step) needs
-    no namespace lookup.
+    Returns new arrays and never writes into `state`'s (callers may hold them). The in-place
+    operators below only touch arrays made here: they save the allocation of three temporaries
+    per tensor (7% of an allocator step at the paper's scale) and round exactly as `a = a + b`.
+    `abs()` is the array API's `__abs__`, so this hot path needs no namespace lookup.
     """
     ipt = abs(p * grad)
     if state is None:
         zeros = namespace(p, grad).zeros_like(p)
         state = ImportanceState(zeros, zeros, zeros)
-    exp_avg_ipt = beta1 * state.exp_avg_ipt + (1 - beta1) * ipt
-    exp_avg_unc = beta2 * state.exp_avg_unc + (1 - beta2) * abs(ipt - exp_avg_ipt)
+    exp_avg_ipt = beta1 * state.exp_avg_ipt
+    exp_avg_ipt += (1 - beta1) * ipt
+    deviation = abs(ipt - exp_avg_ipt)  # against the average just updated, as peft
+    deviation *= 1 - beta2
+    exp_avg_unc = beta2 * state.exp_avg_unc
+    exp_avg_unc += deviation
     return ImportanceState(ipt, exp_avg_ipt, exp_avg_unc)
 
 
@@ -96,12 +102,13 @@ def triplet_score(states: Mapping[str, ImportanceState]) -> Array:
     s_E = element_score(states["lora_E"])  # (r, 1)
     s_B = element_score(states["lora_B"])  # (out, r)
     xp = namespace(s_A, s_E, s_B)
-    mean_A = xp.mean(s_A, axis=1)  # (r,)
-    # The mean over the rows of B as a product with ones: a BLAS call, where NumPy's reduction
-    # along axis 0 of a tall (out, r) matrix runs ~10x slower. Summed in another order than
-    # torch's mean, as any reduction here is (the scores agree to rounding).
-    ones = xp.ones((s_B.shape[0],), dtype=s_B.dtype, device=device_of(s_B))
-    mean_B = (ones @ s_B) / s_B.shape[0]  # (r,)
+    # Both means as products with a vector of ones: one BLAS call each, where NumPy's reductions
+    # run 1.5x (along A's rows) to 10x (down B's tall columns) slower. Summed in another order
+    # than torch's mean, as any reduction here is (the scores agree to rounding).
+    ones_in = xp.ones((s_A.shape[1],), dtype=s_A.dtype, device=device_of(s_A))
+    ones_out = xp.ones((s_B.shape[0],), dtype=s_B.dtype, device=device_of(s_B))
+    mean_A = (s_A @ ones_in) / s_A.shape[1]  # (r,)
+    mean_B = (ones_out @ s_B) / s_B.shape[0]  # (r,)
     return s_E[:, 0] + (mean_A + mean_B)
 
 
