@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ._backend import BACKENDS, dtype_by_name, from_numpy, get_backend
+from .bench_report import register_bench
 from .config import AdaLoraConfig
 from .conformance.runner import register_conform
 from .mlp import MLP, mse_loss
@@ -83,7 +84,7 @@ def register_train(sub: argparse._SubParsersAction) -> None:
 
 
 # Each command registers its own subparser and sets `func(args, parser) -> exit code`.
-COMMANDS = [register_conform, register_train]
+COMMANDS = [register_conform, register_train, register_bench]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
