@@ -42,6 +42,7 @@ from .bench import (
     layer_workload,
     make_setup,
     memory_growth,
+    steady_malloc,
     time_sides,
     train_step_workload,
 )
@@ -102,6 +103,7 @@ class Report:
     floor: Floor | None = None
     memory: list[MemoryGrowth] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what could not be measured, and why
+    steady_malloc: bool = False  # glibc's malloc thresholds fixed for the run (bench.steady_malloc)
 
 
 def measure(workload: Workload, rounds: int) -> Timing:
@@ -189,7 +191,7 @@ def run_benchmarks(
     if "memory" in only:
         tasks.append(("memory over allocator steps", functools.partial(add_memory, build=allocator_workload)))
         tasks.append(("memory over train steps", functools.partial(add_memory, build=train_step_workload)))
-    report = Report(setup, sizes, rounds)
+    report = Report(setup, sizes, rounds, steady_malloc=steady_malloc())
     with tqdm(
         total=len(tasks),
         desc="adalora-ref bench",
@@ -246,9 +248,10 @@ def _header(report: Report) -> str:
     if s.torch is not None:
         versions += f", torch {s.torch.__version__}, peft {s.peft.__version__} on {s.peft_device}"
     load = f"; load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
+    malloc = "; glibc malloc thresholds fixed" if report.steady_malloc else ""
     return (
         f"adalora-ref bench: reference on {s.backend} {s.dtype_name}, sizes {report.sizes.name}, "
-        f"{report.rounds} rounds; {versions}; {s.threads} threads; {machine_description()}{load}; "
+        f"{report.rounds} rounds; {versions}; {s.threads} threads; {machine_description()}{load}{malloc}; "
         f"{datetime.date.today().isoformat()}"
     )
 
@@ -298,6 +301,7 @@ def report_dict(report: Report) -> dict[str, Any]:
         "peft": None if s.peft is None else s.peft.__version__,
         "peft_device": None if s.peft is None else s.peft_device,
         "no_peft_reason": s.no_peft_reason,
+        "steady_malloc": report.steady_malloc,
         "machine": machine_description(),
         "date": datetime.date.today().isoformat(),
         "timings": [dict(dataclasses.asdict(t), peft_over_ours=t.ratio) for t in report.timings],

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from adalora_ref._backend import BACKENDS
-from adalora_ref.bench import SIZES, Setup, Side, Sizes, Workload, make_setup
+from adalora_ref.bench import SIZES, Setup, Side, Sizes, Workload, make_setup, steady_malloc
 from adalora_ref.bench_report import Report, Timing, add_timing, format_report
 
 _REPORTS: dict[str, Report] = {}
@@ -73,7 +73,7 @@ def report(backend: str, request: pytest.FixtureRequest) -> Report:
         setup = setup_or_skip(backend, config.getoption("--bench-dtype"))
         sizes = _sizes(config)
         rounds = config.getoption("--bench-rounds") or sizes.rounds
-        _REPORTS[backend] = Report(setup, sizes, rounds)
+        _REPORTS[backend] = Report(setup, sizes, rounds, steady_malloc=steady_malloc())
     return _REPORTS[backend]
 
 
