@@ -20,6 +20,7 @@ from ._backend import BACKENDS, dtype_by_name, from_numpy, get_backend
 from .bench_report import register_bench
 from .config import AdaLoraConfig
 from .conformance.runner import register_conform
+from .demo import register_demo
 from .mlp import MLP, mse_loss
 from .model import AdaLoraModel, BaseLinear
 from .optim import AdamW
@@ -84,7 +85,7 @@ def register_train(sub: argparse._SubParsersAction) -> None:
 
 
 # Each command registers its own subparser and sets `func(args, parser) -> exit code`.
-COMMANDS = [register_conform, register_train, register_bench]
+COMMANDS = [register_conform, register_train, register_bench, register_demo]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
