@@ -68,28 +68,32 @@ class ImportanceState:
     exp_avg_ipt: Array
     exp_avg_unc: Array
 
+    @classmethod
+    def zeros_like(cls, p: Array) -> ImportanceState:
+        """The state before the first step: three separate arrays of zeros (they are updated in place)."""
+        xp = namespace(p)
+        return cls(xp.zeros_like(p), xp.zeros_like(p), xp.zeros_like(p))
 
-def update_importance(
-    state: ImportanceState | None, p: Array, grad: Array, beta1: float, beta2: float
-) -> ImportanceState:
-    """One EMA step of sensitivity and uncertainty; `state` None means all zeros (the first step).
 
-    Returns new arrays and never writes into `state`'s (callers may hold them). The in-place
-    operators below only touch arrays made here: they save the allocation of three temporaries
-    per tensor (7% of an allocator step at the paper's scale) and round exactly as `a = a + b`.
-    `abs()` is the array API's `__abs__`, so this hot path needs no namespace lookup.
+def sensitivity(p: Array, grad: Array) -> Array:
+    """ipt = |p * grad|, a new array. `abs()` is the array API's `__abs__`: no namespace lookup."""
+    return abs(p * grad)
+
+
+def update_importance(state: ImportanceState, ipt: Array, beta1: float, beta2: float) -> None:
+    """One EMA step of sensitivity and uncertainty, written into `state`'s own arrays.
+
+    In place, in peft's order of operations (`mul_(beta1).add_(ipt, alpha=1 - beta1)` rounds as
+    `a *= beta1; a += (1 - beta1) * ipt`): at the paper's scale this saves 24 MB of new arrays a
+    step. The arrays belong to the allocator; whoever keeps one across steps must copy it.
     """
-    ipt = abs(p * grad)
-    if state is None:
-        zeros = namespace(p, grad).zeros_like(p)
-        state = ImportanceState(zeros, zeros, zeros)
-    exp_avg_ipt = beta1 * state.exp_avg_ipt
-    exp_avg_ipt += (1 - beta1) * ipt
-    deviation = abs(ipt - exp_avg_ipt)  # against the average just updated, as peft
+    state.ipt = ipt
+    state.exp_avg_ipt *= beta1
+    state.exp_avg_ipt += (1 - beta1) * ipt
+    deviation = abs(ipt - state.exp_avg_ipt)  # against the average just updated, as peft
     deviation *= 1 - beta2
-    exp_avg_unc = beta2 * state.exp_avg_unc
-    exp_avg_unc += deviation
-    return ImportanceState(ipt, exp_avg_ipt, exp_avg_unc)
+    state.exp_avg_unc *= beta2
+    state.exp_avg_unc += deviation
 
 
 def element_score(state: ImportanceState) -> Array:
@@ -139,6 +143,9 @@ class RankAllocator:
 
     `layers` maps each adapted layer's name to its rank r, in the order the model lists its
     layers. init_bgt = sum of r; target_bgt = target_r * number of layers (as peft).
+
+    `state[layer][part]` holds the allocator's own arrays, updated in place every step (a new
+    `ipt` array each step, the two averages in place): copy an array to keep its value.
     """
 
     def __init__(
@@ -210,19 +217,23 @@ class RankAllocator:
                 check_shape(f"{name}.{part} grad", getattr(grads[name], part), tuple(getattr(triplet, part).shape))
 
     def update_ipt(self, params: Mapping[str, SVDTriplet], grads: Mapping[str, TripletGrads]) -> None:
-        """One importance step for every tensor. All-or-nothing: on an error the state is unchanged."""
+        """One importance step for every tensor. All-or-nothing: on an error the state is unchanged.
+
+        Every sensitivity is computed and checked before any average moves: the averages are
+        convex combinations of finite values, so once every ipt is finite they stay finite.
+        """
         self._check_inputs(params, grads)
-        new_state = {}
-        for name in self.layer_ranks:
-            previous = self.state.get(name, {})
-            new_state[name] = {
-                part: update_importance(
-                    previous.get(part), getattr(params[name], part), getattr(grads[name], part), self.beta1, self.beta2
-                )
-                for part in PARTS
-            }
-        _refuse_non_finite(new_state, params, grads)
-        self.state = new_state
+        ipts = {
+            name: {part: sensitivity(getattr(params[name], part), getattr(grads[name], part)) for part in PARTS}
+            for name in self.layer_ranks
+        }
+        _refuse_non_finite(ipts, params, grads)
+        for name, layer_ipts in ipts.items():
+            layer_state = self.state.setdefault(name, {})
+            for part, ipt in layer_ipts.items():
+                if part not in layer_state:
+                    layer_state[part] = ImportanceState.zeros_like(ipt)
+                update_importance(layer_state[part], ipt, self.beta1, self.beta2)
 
     def scores(self) -> dict[str, Array]:
         """layer -> (r,) triplet scores from the current importance state."""
@@ -289,25 +300,25 @@ def mask_using_rank_pattern(
 
 
 def _refuse_non_finite(
-    state: Mapping[str, Mapping[str, ImportanceState]],
+    ipts: Mapping[str, Mapping[str, Array]],
     params: Mapping[str, SVDTriplet],
     grads: Mapping[str, TripletGrads],
 ) -> None:
-    """Raise when any importance is not finite, naming the tensor at fault.
+    """Raise when any sensitivity is not finite, naming the tensor at fault.
 
-    exp_avg_unc is finite only when p, grad, ipt and exp_avg_ipt are (|Inf - Inf| is NaN). The
+    ipt = |p * grad| is finite only when p and grad are and their product does not overflow. The
     common case costs one max per tensor (max propagates NaN) and one transfer to the host; only a
     failure looks for the culprit tensor by tensor.
     """
-    uncs = [s.exp_avg_unc for layer in state.values() for s in layer.values() if math.prod(s.exp_avg_unc.shape)]
-    if not uncs:
+    nonempty = [ipt for layer in ipts.values() for ipt in layer.values() if math.prod(ipt.shape)]
+    if not nonempty:
         return
-    xp = namespace(uncs[0])
-    if bool(xp.all(xp.isfinite(xp.stack([xp.max(u) for u in uncs])))):
+    xp = namespace(nonempty[0])
+    if bool(xp.all(xp.isfinite(xp.stack([xp.max(ipt) for ipt in nonempty])))):
         return
-    for name, layer in state.items():
-        for part, s in layer.items():
-            if bool(xp.all(xp.isfinite(s.exp_avg_unc))):
+    for name, layer in ipts.items():
+        for part, ipt in layer.items():
+            if bool(xp.all(xp.isfinite(ipt))):
                 continue
             p, g = getattr(params[name], part), getattr(grads[name], part)
             for what, x in ((f"{name}.{part}", p), (f"{name}.{part} gradient", g)):

@@ -13,6 +13,7 @@ from adalora_ref.allocator import (
     budget_schedule,
     kth_smallest,
     mask_using_rank_pattern,
+    sensitivity,
     triplet_score,
     update_importance,
 )
@@ -46,14 +47,35 @@ def test_budget_schedule_by_hand() -> None:
 
 def test_update_importance_by_hand(xp: Backend) -> None:
     p, g = xp.asarray([[1.0], [2.0]]), xp.asarray([[0.5], [-1.0]])
-    s1 = update_importance(None, p, g, beta1=0.5, beta2=0.5)
-    np.testing.assert_allclose(xp.to_numpy(s1.ipt), [[0.5], [2.0]])
-    np.testing.assert_allclose(xp.to_numpy(s1.exp_avg_ipt), [[0.25], [1.0]])
+    ipt = sensitivity(p, g)
+    np.testing.assert_allclose(xp.to_numpy(ipt), [[0.5], [2.0]])
+    state = ImportanceState.zeros_like(p)
+    update_importance(state, ipt, beta1=0.5, beta2=0.5)
+    np.testing.assert_allclose(xp.to_numpy(state.ipt), [[0.5], [2.0]])
+    np.testing.assert_allclose(xp.to_numpy(state.exp_avg_ipt), [[0.25], [1.0]])
     # uncertainty against the exp_avg_ipt JUST updated: 0.5 * |0.5 - 0.25|, 0.5 * |2 - 1|
-    np.testing.assert_allclose(xp.to_numpy(s1.exp_avg_unc), [[0.125], [0.5]])
-    s2 = update_importance(s1, p, g, beta1=0.5, beta2=0.5)
-    np.testing.assert_allclose(xp.to_numpy(s2.exp_avg_ipt), [[0.375], [1.5]])
-    np.testing.assert_allclose(xp.to_numpy(s2.exp_avg_unc), [[0.125], [0.5]])
+    np.testing.assert_allclose(xp.to_numpy(state.exp_avg_unc), [[0.125], [0.5]])
+    update_importance(state, sensitivity(p, g), beta1=0.5, beta2=0.5)
+    np.testing.assert_allclose(xp.to_numpy(state.exp_avg_ipt), [[0.375], [1.5]])
+    np.testing.assert_allclose(xp.to_numpy(state.exp_avg_unc), [[0.125], [0.5]])
+
+
+def test_allocator_updates_its_own_arrays_in_place(xp: Backend) -> None:
+    """The averages are written into the arrays the allocator made; the first step's three are separate."""
+    alloc = two_layer_allocator()
+    p = params(xp)
+    g = {n: TripletGrads(*(t * 0.5 for t in (tr.lora_A, tr.lora_E, tr.lora_B))) for n, tr in p.items()}
+    alloc.update_ipt(p, g)
+    state = alloc.state["l1"]["lora_B"]
+    avg, unc = state.exp_avg_ipt, state.exp_avg_unc
+    assert avg is not unc and avg is not state.ipt
+    first = xp.to_numpy(avg).copy()  # 0.5 * |1 * 0.5|
+    np.testing.assert_allclose(first, np.full((3, 2), 0.25))
+    alloc.update_ipt(p, g)
+    assert alloc.state["l1"]["lora_B"].exp_avg_ipt is avg  # the same array, updated
+    np.testing.assert_allclose(xp.to_numpy(avg), np.full((3, 2), 0.375))
+    unc_now = xp.to_numpy(alloc.state["l1"]["lora_B"].exp_avg_unc)
+    np.testing.assert_allclose(unc_now, np.full((3, 2), 0.125))  # 0.5 * 0.125 + 0.5 * |0.5 - 0.375|
 
 
 def test_triplet_score_by_hand(xp: Backend) -> None:
@@ -93,9 +115,9 @@ def set_scores(alloc: RankAllocator, be: Backend, scores: dict[str, list[float]]
         E = be.asarray(np.asarray(s)[:, None])
         ones = be.asarray(np.ones((r, 1)))
         alloc.state[name] = {
-            "lora_A": ImportanceState(*(be.asarray(np.zeros((r, 3))),) * 3),
-            "lora_E": ImportanceState(E, E, ones),
-            "lora_B": ImportanceState(*(be.asarray(np.zeros((3, r))),) * 3),
+            "lora_A": ImportanceState(*(be.asarray(np.zeros((r, 3))) for _ in range(3))),
+            "lora_E": ImportanceState(E, be.asarray(np.asarray(s)[:, None]), ones),
+            "lora_B": ImportanceState(*(be.asarray(np.zeros((3, r))) for _ in range(3))),
         }
 
 

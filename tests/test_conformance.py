@@ -182,14 +182,11 @@ def score_as_sum(state: ImportanceState):
     return state.exp_avg_ipt + state.exp_avg_unc
 
 
-def unc_against_previous(state, p, grad, beta1, beta2):
-    xp = allocator_module.namespace(p, grad)
-    ipt = xp.abs(p * grad)
-    previous = xp.zeros_like(p) if state is None else state.exp_avg_ipt
-    prev_unc = xp.zeros_like(p) if state is None else state.exp_avg_unc
-    exp_avg_ipt = beta1 * previous + (1 - beta1) * ipt
-    exp_avg_unc = beta2 * prev_unc + (1 - beta2) * xp.abs(ipt - previous)
-    return ImportanceState(ipt, exp_avg_ipt, exp_avg_unc)
+def unc_against_previous(state, ipt, beta1, beta2):
+    previous = state.exp_avg_ipt
+    state.ipt = ipt
+    state.exp_avg_ipt = beta1 * previous + (1 - beta1) * ipt
+    state.exp_avg_unc = beta2 * state.exp_avg_unc + (1 - beta2) * abs(ipt - previous)
 
 
 class AlphaOverR(SVDLinear):
@@ -217,8 +214,7 @@ def importance_from_E_alone(self, params, grads):
     real_update_ipt(self, params, grads)
     for layer_state in self.state.values():
         for part in ("lora_A", "lora_B"):
-            zeros = layer_state[part].ipt * 0
-            layer_state[part] = ImportanceState(zeros, zeros, zeros)
+            layer_state[part] = ImportanceState.zeros_like(layer_state[part].ipt)
 
 
 real_mask_to_budget = RankAllocator.mask_to_budget

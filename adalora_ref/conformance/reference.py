@@ -50,7 +50,7 @@ class _Inputs:
 
 
 def _np(x: Any) -> np.ndarray:
-    return np.asarray(to_numpy(x))
+    return np.array(to_numpy(x))  # a copy: the allocator updates its state in place
 
 
 def run_layer(case: Case, xp: Any) -> Outputs:
