@@ -2,10 +2,14 @@
 
     adalora-ref conform [--cases DIR] [--port DIR] [--json FILE]
     adalora-ref train [--steps N] [--seed S] [--backend numpy|array_api_strict|torch|cupy] [--dtype ...]
+    adalora-ref bench [--backend ...] [--sizes paper|small] [--only ...] [--json FILE]
+    adalora-ref demo [--seed S] [--planted 0,1,2,4,8] [--steps N] [--plot DIR]
 
-`train` runs AdaLoRA on a small regression MLP for N steps in peft's call order and prints the
-budget at every masking step and the final rank pattern: the quickest way to watch rank
-allocation happen. Nothing imports this module; it imports the rest.
+`conform` checks the reference (or a port's outputs) against the golden files from peft. `train`
+runs AdaLoRA on a small regression MLP for N steps in peft's call order and prints the budget at
+every masking step and the final rank pattern. `bench` times the reference and peft side by side
+(adalora_ref/bench.py). `demo` plants low-rank updates of known ranks in a teacher and shows
+AdaLoRA moving rank to them (adalora_ref/demo.py). Nothing imports this module; it imports the rest.
 """
 
 from __future__ import annotations
