@@ -566,12 +566,12 @@ def steady_malloc() -> bool:
     """Fix glibc malloc's trim and mmap thresholds for this process; True when set (glibc only).
 
     glibc adapts both thresholds to the largest block freed so far. Once torch has freed a few
-    megabytes, the reference's allocator step (24 MB of new arrays a step at the paper's scale when
-    this was measured, the old ones freed; 8 MB of sensitivities and the temporaries now) makes the
-    heap grow and shrink every step, and every step refaults ~3,000 pages: measured 12.7 ms a step
-    instead of 5.9 ms, in two runs of three. Fixed thresholds (trim
-    at 1 GiB, mmap at 32 MiB, the most glibc allows) keep the timings of both sides independent of
-    what ran before them in the process; the setting is the same for both.
+    megabytes, the reference's allocator step (new arrays of megabytes every step, the previous
+    ones freed: 24 MB when this was measured, 8 MB of sensitivities and temporaries since the
+    averages are updated in place) makes the heap grow and shrink every step, and every step
+    refaults ~3,000 pages: measured 12.7 ms a step instead of 5.9 ms, in two runs of three. Fixed
+    thresholds (trim at 1 GiB, mmap at 32 MiB, the most glibc allows) keep the timings of both sides
+    independent of what ran before them in the process; the setting is the same for both.
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False

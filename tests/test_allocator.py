@@ -112,11 +112,10 @@ def set_scores(alloc: RankAllocator, be: Backend, scores: dict[str, list[float]]
     alloc.state = {}
     for name, s in scores.items():
         r = len(s)
-        E = be.asarray(np.asarray(s)[:, None])
-        ones = be.asarray(np.ones((r, 1)))
-        alloc.state[name] = {
+        column = np.asarray(s)[:, None]  # (r, 1)
+        alloc.state[name] = {  # separate arrays: the allocator updates its state in place
             "lora_A": ImportanceState(*(be.asarray(np.zeros((r, 3))) for _ in range(3))),
-            "lora_E": ImportanceState(E, be.asarray(np.asarray(s)[:, None]), ones),
+            "lora_E": ImportanceState(be.asarray(column), be.asarray(column), be.asarray(np.ones((r, 1)))),
             "lora_B": ImportanceState(*(be.asarray(np.zeros((3, r))) for _ in range(3))),
         }
 
