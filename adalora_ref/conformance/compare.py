@@ -40,10 +40,18 @@ class CaseResult:
     max_error: float = 0.0
     failures: list[CheckFailure] = field(default_factory=list)
     error: str | None = None  # the run itself failed (an exception), not a comparison
+    unsupported: str | None = None  # the port declared this case unsupported (port.json): the reason
 
     @property
     def passed(self) -> bool:
-        return self.error is None and self.n_failed == 0
+        return self.unsupported is None and self.error is None and self.n_failed == 0
+
+    @property
+    def status(self) -> str:
+        """ "pass", "fail" or "unsupported" (declared by the port; not a failure)."""
+        if self.unsupported is not None:
+            return "unsupported"
+        return "pass" if self.passed else "fail"
 
     @property
     def first_failure(self) -> str | None:
@@ -60,6 +68,8 @@ class CaseResult:
             "failed": self.n_failed,
             "max_error": self.max_error,
             "passed": self.passed,
+            "status": self.status,
+            "unsupported": self.unsupported,
             "first_failure": self.first_failure,
         }
 

@@ -15,13 +15,14 @@ import json
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from .._backend import BACKENDS, get_backend
 from .case import Case, CaseError, bundled_cases_dir, case_ids, read_case, read_manifest, write_atomically
 from .compare import CaseResult, compare
 from .port import read_port_outputs
 from .reference import run_case
+from .report import print_table
 
 
 def run_cases(
@@ -50,18 +51,6 @@ def judge_case(case: Case, xp: Any, port: Path | None) -> CaseResult:
         result.error = f"{type(err).__name__}: {err}"
         return result
     return compare(case, outputs)
-
-
-def print_table(results: list[CaseResult], out: TextIO) -> None:
-    width = max([len(r.case_id) for r in results] + [4])
-    out.write(f"{'case':{width}}  {'checks':>6}  {'largest error':>13}  result\n")
-    for r in results:
-        status = "pass" if r.passed else "FAIL"
-        out.write(f"{r.case_id:{width}}  {r.n_checks:6d}  {r.max_error:13.3g}  {status}\n")
-        if not r.passed:
-            out.write(f"{'':{width}}  first divergence: {r.first_failure}\n")
-    failed = sum(not r.passed for r in results)
-    out.write(f"{len(results) - failed} passed, {failed} failed\n")
 
 
 def register_conform(sub: argparse._SubParsersAction) -> None:
