@@ -26,16 +26,21 @@ def fsync_dir(directory: Path) -> None:
 
 
 def write_new_file(path: Path, data: bytes) -> None:
-    """Create `path` (it must not exist) with `data`, flushed to disk; mode from the umask."""
+    """Create `path` (it must not exist) with `data`, flushed to disk; mode from the umask.
+
+    Plain `os` calls only (open, write, fsync, close), so that tests can fail each one in turn.
+    """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
     except BaseException:
+        os.close(fd)
         path.unlink(missing_ok=True)
         raise
+    os.close(fd)
 
 
 def write_atomically(path: Path, data: bytes) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,9 +35,9 @@ def base_layers(seed: int = 0) -> dict[str, BaseLinear]:
     }
 
 
-def trained_model(steps: int = 12) -> AdaLoraModel:
+def trained_model(steps: int = 12, lora_alpha: float = 8.0) -> AdaLoraModel:
     """A reference model trained through its final masking, so it has a rank pattern."""
-    model = AdaLoraModel(base_layers(), AdaLoraConfig(target_modules=TARGETS, **SCHEDULE))
+    model = AdaLoraModel(base_layers(), AdaLoraConfig(target_modules=TARGETS, lora_alpha=lora_alpha, **SCHEDULE))
     net, opt, rng = MLP(model), AdamW(lr=0.05), np.random.default_rng(1)
     for step in range(1, steps + 1):
         train_step(net, opt, rng.normal(size=(8, 8)), rng.normal(size=(8, 4)), step, mse_loss)
@@ -131,31 +130,7 @@ def test_load_needs_no_torch(tmp_path: Path) -> None:
     assert result.stdout.strip() == str(sorted(TARGETS))
 
 
-class TestAtomicWrites:
-    def test_failed_swap_keeps_old_checkpoint(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        target = tmp_path / "ck"
-        model = trained_model()
-        save_adapter(model, target)
-        (target / "README.md").write_text("notes")
-        before = {p.name: p.read_bytes() for p in target.iterdir()}
-        real_rename = os.rename
-
-        def failing_rename(src, dst):
-            if Path(dst) == target:
-                raise OSError("disk full")
-            return real_rename(src, dst)
-
-        monkeypatch.setattr(checkpoint.os, "rename", failing_rename)
-        with pytest.raises(OSError, match="disk full"):
-            save_adapter(model, target)
-        monkeypatch.undo()
-        # the old checkpoint was renamed aside: the failure leaves it recoverable and nothing half-written
-        leftovers = [p for p in tmp_path.iterdir() if p.name != "ck"]
-        assert not any(".tmp-" in p.name for p in leftovers)
-        olds = [p for p in leftovers if ".old-" in p.name]
-        restored = target if target.exists() else olds[0]
-        assert {p.name: p.read_bytes() for p in restored.iterdir()} == before
-
+class TestAtomicWrites:  # every crash point of a save: tests/test_checkpoint_faults.py
     def test_failure_while_writing_leaves_old_untouched(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         target = tmp_path / "ck"
         save_adapter(trained_model(), target)
@@ -219,3 +194,73 @@ class TestBadFiles:
         (saved / CONFIG_NAME).write_text("{not json")
         with pytest.raises(ValueError, match=CONFIG_NAME):
             load_adapter(saved, base_layers())
+
+
+class TestTensorDtypes:
+    """Floating tensors of any width load cast to the model's dtype (peft's load_state_dict copies
+    them so); integer tensors are refused, naming the key."""
+
+    @pytest.fixture
+    def saved(self, tmp_path: Path) -> tuple[AdaLoraModel, Path]:
+        model = trained_model()
+        save_adapter(model, tmp_path / "ck")
+        return model, tmp_path / "ck"
+
+    @staticmethod
+    def rewrite(path: Path, convert) -> None:
+        from safetensors.numpy import load_file, save_file
+
+        save_file({k: convert(v) for k, v in load_file(str(path)).items()}, str(path), metadata={"format": "pt"})
+
+    def test_float16_loads_cast(self, saved: tuple[AdaLoraModel, Path]) -> None:
+        model, directory = saved
+        self.rewrite(directory / WEIGHTS_NAME, lambda v: v.astype(np.float16))
+        x = np.random.default_rng(2).normal(size=(5, 8))
+        loaded = load_adapter(directory, base_layers())
+        assert loaded.triplets()["fc2"].lora_A.dtype == np.float64
+        assert_close(outputs(loaded, x), outputs(model, x), 1e-2, "outputs from float16 tensors")
+
+    def test_bfloat16_loads_as_its_float32_value(self, saved: tuple[AdaLoraModel, Path]) -> None:
+        """NumPy has no bfloat16: the reader widens its bit pattern (the upper half of a float32)."""
+        model, directory = saved
+        path = directory / WEIGHTS_NAME
+        self.rewrite(path, lambda v: (v.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16))
+        data = path.read_bytes()
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + size])
+        for key, spec in header.items():
+            if key != "__metadata__":
+                spec["dtype"] = "BF16"
+        text = json.dumps(header).encode()
+        path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + size :])
+        tensors = checkpoint.read_adapter_tensors(path)
+        for key, value in checkpoint.adapter_state_dict(model).items():
+            truncated = (value.astype(np.float32).view(np.uint32) & 0xFFFF0000).view(np.float32)
+            assert tensors[key].dtype == np.float32 and np.array_equal(tensors[key], truncated), key
+        load_adapter(directory, base_layers())
+
+    def test_integer_tensors_are_refused(self, saved: tuple[AdaLoraModel, Path]) -> None:
+        _, directory = saved
+        self.rewrite(directory / WEIGHTS_NAME, lambda v: v.astype(np.int32))
+        with pytest.raises(ValueError, match=r"tensor base_model\.model\.\w+\.lora_\w has dtype I32; adapter tensors"):
+            load_adapter(directory, base_layers())
+
+    def test_a_corrupt_header_is_named(self, saved: tuple[AdaLoraModel, Path]) -> None:
+        _, directory = saved
+        path = directory / WEIGHTS_NAME
+        path.write_bytes((10**9).to_bytes(8, "little") + path.read_bytes()[8:])
+        with pytest.raises(ValueError, match=f"{path}: not a readable safetensors file"):
+            load_adapter(directory, base_layers())
+        path.write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00[]")
+        with pytest.raises(ValueError, match="not a JSON object"):
+            load_adapter(directory, base_layers())
+
+    @pytest.mark.peft
+    def test_bfloat16_written_by_torch(self, tmp_path: Path) -> None:
+        torch, _ = require_peft()
+        from safetensors.torch import save_file
+
+        values = torch.randn(3, 5, dtype=torch.float64).to(torch.bfloat16)
+        save_file({"base_model.model.fc2.lora_A": values}, str(tmp_path / WEIGHTS_NAME), metadata={"format": "pt"})
+        read = checkpoint.read_adapter_tensors(tmp_path / WEIGHTS_NAME)["base_model.model.fc2.lora_A"]
+        assert np.array_equal(read, values.float().numpy())
