@@ -46,6 +46,7 @@ from .bench import (
     time_sides,
     train_step_workload,
 )
+from .cli_args import load_backend, positive_int, writable_file, write_output
 
 BENCHMARKS = ("layer", "allocator", "train", "memory")
 FWD_BWD_MAX_SLOWDOWN = 1.1  # target (a): ours at most 1.1x peft's time
@@ -326,14 +327,19 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
         "--backend",
         choices=BACKENDS,
         default="numpy",
-        help="the reference's array library (cupy: peft runs on CUDA); default numpy",
+        help="the reference's array library (cupy: peft runs on CUDA) (default: %(default)s)",
     )
-    bench.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    bench.add_argument(
+        "--dtype",
+        choices=("float32", "float64"),
+        default="float32",
+        help="floating dtype of both sides (default: %(default)s)",
+    )
     bench.add_argument(
         "--sizes",
         choices=tuple(SIZES),
         default="paper",
-        help="paper: the issue's shapes (default); small: toy shapes, a smoke run",
+        help="paper: the issue's shapes; small: toy shapes, a smoke run (default: %(default)s)",
     )
     bench.add_argument(
         "--only",
@@ -341,25 +347,29 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
         choices=BENCHMARKS,
         default=list(BENCHMARKS),
         metavar="BENCHMARK",
-        help=f"run only these benchmarks, among {', '.join(BENCHMARKS)}",
+        help=f"run only these benchmarks, among {', '.join(BENCHMARKS)} (default: all of them)",
     )
-    bench.add_argument("--rounds", type=int, default=None, help="timed runs of each side (default: by sizes)")
-    bench.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
+    rounds = ", ".join(f"{name} {sizes.rounds}" for name, sizes in SIZES.items())
+    bench.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=None,
+        help=f"timed runs of each side, >= 1 (default: by --sizes: {rounds})",
+    )
+    bench.add_argument(
+        "--json",
+        metavar="FILE",
+        type=writable_file,
+        help="also write the report as JSON to FILE, checked before the run (default: no file)",
+    )
 
     def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-        if args.rounds is not None and args.rounds < 1:
-            parser.error(f"--rounds must be at least 1, got {args.rounds}")
-        try:
-            setup = make_setup(args.backend, args.dtype)
-        except ImportError as err:
-            hint = " (CuPy needs an NVIDIA GPU and `pip install 'adalora-ref[gpu]'`)" if args.backend == "cupy" else ""
-            print(f"adalora-ref bench: cannot run the {args.backend} backend here: {err}{hint}", file=sys.stderr)
-            return 1
+        load_backend(bench, args.backend)
+        setup = make_setup(args.backend, args.dtype)
         report = run_benchmarks(setup, SIZES[args.sizes], args.only, args.rounds)
         print(format_report(report))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(report_dict(report), f, indent=2)
+        if args.json is not None:
+            write_output(bench, "--json", args.json, (json.dumps(report_dict(report), indent=2) + "\n").encode())
         return 0
 
     bench.set_defaults(func=run)

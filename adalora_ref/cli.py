@@ -22,6 +22,7 @@ import numpy as np
 
 from ._backend import BACKENDS, dtype_by_name, from_numpy, get_backend
 from .bench_report import register_bench
+from .cli_args import int_at_least, load_backend, non_negative_int
 from .config import AdaLoraConfig
 from .conformance.runner import register_conform
 from .demo import register_demo
@@ -29,6 +30,8 @@ from .mlp import MLP, mse_loss
 from .model import AdaLoraModel, BaseLinear
 from .optim import AdamW
 from .training import train_step
+
+MIN_TRAIN_STEPS = 10
 
 
 def run_train(steps: int, seed: int, backend: str, dtype_name: str) -> int:
@@ -74,15 +77,36 @@ def run_train(steps: int, seed: int, backend: str, dtype_name: str) -> int:
 
 
 def register_train(sub: argparse._SubParsersAction) -> None:
-    train = sub.add_parser("train", help="train a small MLP with AdaLoRA and print the rank pattern")
-    train.add_argument("--steps", type=int, default=200)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--backend", choices=BACKENDS, default="numpy")
-    train.add_argument("--dtype", choices=("float32", "float64"), default="float64")
+    train = sub.add_parser(
+        "train",
+        help="train a small MLP with AdaLoRA and print the rank pattern",
+        description="Train AdaLoRA on a small regression MLP (layers fc1, fc2, fc3 adapted, init_r 8 -> "
+        "target_r 3) in peft's call order; print the budget at the masking steps and the final rank pattern.",
+    )
+    train.add_argument(
+        "--steps",
+        type=int_at_least(MIN_TRAIN_STEPS),
+        default=200,
+        help=f"training steps, at least {MIN_TRAIN_STEPS}; tinit = steps/10, tfinal = steps/5 (default: %(default)s)",
+    )
+    train.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help="seed of the base weights, the adapters' init and the data, >= 0 (default: %(default)s)",
+    )
+    train.add_argument(
+        "--backend", choices=BACKENDS, default="numpy", help="array library the model runs on (default: %(default)s)"
+    )
+    train.add_argument(
+        "--dtype",
+        choices=("float32", "float64"),
+        default="float64",
+        help="floating dtype of every array (default: %(default)s)",
+    )
 
     def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-        if args.steps < 10:
-            parser.error(f"--steps must be at least 10, got {args.steps}")
+        load_backend(train, args.backend)
         return run_train(args.steps, args.seed, args.backend, args.dtype)
 
     train.set_defaults(func=run)

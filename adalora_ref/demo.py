@@ -47,9 +47,10 @@ AdaLoRA math: it drives model.py and training.py as a user would.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,8 +59,9 @@ import numpy as np
 from tqdm import tqdm
 
 from ._backend import BACKENDS, dtype_by_name, from_numpy, get_backend, to_numpy
+from ._files import write_atomically
+from .cli_args import load_backend, non_negative_float, non_negative_int, usable_directory, write_output
 from .config import AdaLoraConfig
-from .conformance.case import write_atomically
 from .mlp import MLP, mse_loss
 from .model import AdaLoraModel, BaseLinear
 from .optim import AdamW
@@ -410,8 +412,13 @@ def _importance_figure(Figure: Any, result: DemoResult) -> Any:
     return fig
 
 
-def write_plots(result: DemoResult, directory: str | Path) -> list[Path]:
-    """Write budget.png, ranks.png and importance.png into `directory`; each file appears whole or not at all."""
+def write_plots(
+    result: DemoResult, directory: str | Path, *, write: Callable[[Path, bytes], None] = write_atomically
+) -> list[Path]:
+    """Write budget.png, ranks.png and importance.png into `directory`; each file appears whole or not at all.
+
+    `write(path, data)` writes one file (the command passes one that turns an OSError into its error line).
+    """
     Figure, FigureCanvasAgg = _matplotlib()
     directory = Path(directory)
     written = []
@@ -424,8 +431,7 @@ def write_plots(result: DemoResult, directory: str | Path) -> list[Path]:
         buffer = io.BytesIO()
         FigureCanvasAgg(fig).print_png(buffer)
         path = directory / filename
-        write_atomically(path, buffer.getvalue())
-        path.chmod(0o644)  # mkstemp made it private; a figure is for sharing
+        write(path, buffer.getvalue())
         written.append(path)
     return written
 
@@ -450,36 +456,55 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
         help="watch AdaLoRA move rank to the layers where a teacher's low-rank updates were planted",
         description=__doc__.split("\n\n")[0],
     )
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help="seed of the teacher, the init and the data, >= 0 (default: %(default)s)",
+    )
     demo.add_argument(
         "--planted",
         type=_rank_list,
         default=DEFAULT_PLANTED,
-        help="planted rank of each layer, comma-separated; one layer per rank (default 0,1,2,4,8)",
+        help="planted rank of each layer, comma-separated; one layer per rank (default: 0,1,2,4,8)",
     )
-    demo.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"training steps (default {DEFAULT_STEPS})")
-    demo.add_argument("--init-r", type=int, default=DEFAULT_INIT_R, help="every layer's starting rank (default 12)")
-    demo.add_argument("--backend", choices=BACKENDS, default="numpy")
+    demo.add_argument(
+        "--steps",
+        type=int,
+        default=DEFAULT_STEPS,
+        help=f"training steps, at least {MIN_STEPS} (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--init-r",
+        type=int,
+        default=DEFAULT_INIT_R,
+        help=f"every layer's starting rank, 1 to {WIDTH} (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--backend", choices=BACKENDS, default="numpy", help="array library the students run on (default: %(default)s)"
+    )
     demo.add_argument(
         "--orth-reg-weight",
-        type=float,
+        type=non_negative_float,
         default=0.0,
-        help="weight of peft's orthogonal term (default 0 here; peft's 0.5 blurs the importance in this task)",
+        help="weight of peft's orthogonal term; peft's 0.5 blurs the importance in this task (default: %(default)s)",
     )
-    demo.add_argument("--plot", metavar="DIR", type=Path, help="write budget.png, ranks.png, importance.png into DIR")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.add_argument(
+        "--plot",
+        metavar="DIR",
+        type=usable_directory,
+        help="write budget.png, ranks.png, importance.png into DIR, created if missing (default: no figures)",
+    )
+    demo.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (default: a bar per training run on stderr)"
+    )
 
     def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         try:
             check_options(args.planted, args.init_r, args.steps)
         except ValueError as err:
             demo.error(str(err))
-        if args.orth_reg_weight < 0:
-            demo.error(f"--orth-reg-weight must be >= 0, got {args.orth_reg_weight}")
-        try:
-            get_backend(args.backend)
-        except ImportError as err:
-            demo.error(f"--backend {args.backend}: {err}")
+        load_backend(demo, args.backend)
         if args.plot is not None:
             try:
                 require_matplotlib()
@@ -501,7 +526,7 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
         )
         print(format_report(result))
         if args.plot is not None:
-            for path in write_plots(result, args.plot):
+            for path in write_plots(result, args.plot, write=functools.partial(write_output, demo, "--plot")):
                 print(f"wrote {path}")
         return 0
 

@@ -115,7 +115,7 @@ def test_memory_not_measured_on_torch_says_so() -> None:
     [
         (["--sizes", "huge"], "invalid choice: 'huge'"),
         (["--only", "layer", "speed"], "invalid choice: 'speed'"),
-        (["--rounds", "0"], "--rounds must be at least 1, got 0"),
+        (["--rounds", "0"], "argument --rounds: must be an integer >= 1, got '0'"),
         (["--backend", "jax"], "invalid choice: 'jax'"),
         (["--dtype", "float16"], "invalid choice: 'float16'"),
     ],
@@ -141,9 +141,11 @@ def test_bad_arguments_to_the_functions_are_refused() -> None:
 
 @pytest.mark.skipif(HAS_CUPY, reason="cupy is installed: the GPU benchmarks run instead of skipping")
 def test_cupy_without_cupy_is_refused_with_the_reason(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "--backend", "cupy", "--sizes", "small"]) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--backend", "cupy", "--sizes", "small"])
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "cannot run the cupy backend here: No module named 'cupy'" in err
+    assert "adalora-ref bench: error: --backend cupy cannot run here: No module named 'cupy'" in err
     assert "pip install 'adalora-ref[gpu]'" in err
 
 

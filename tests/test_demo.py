@@ -101,7 +101,7 @@ def test_plot_without_matplotlib_says_how_to_install_it(
         (["--planted", "0,1,2,4,9"], "--planted 0,1,2,4,9: the ranks sum to 16, not a multiple of the 5 layers"),
         (["--steps", "50"], "--steps must be at least 100"),
         (["--init-r", "0"], "--init-r must be between 1 and the layer width 32, got 0"),
-        (["--orth-reg-weight", "-1"], "--orth-reg-weight must be >= 0, got -1.0"),
+        (["--orth-reg-weight", "-1"], "argument --orth-reg-weight: must be a finite number >= 0, got '-1'"),
     ],
 )
 def test_bad_options_are_refused_naming_option_and_value(

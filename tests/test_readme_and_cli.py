@@ -43,4 +43,4 @@ def test_cli_train_prints_budget_and_rank_pattern(capsys: pytest.CaptureFixture[
 def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["train", "--steps", "3"])
-    assert "--steps must be at least 10, got 3" in capsys.readouterr().err
+    assert "adalora-ref train: error: argument --steps: must be an integer >= 10, got '3'" in capsys.readouterr().err
