@@ -24,7 +24,7 @@ from .mlp import MLP, cross_entropy_loss, mse_loss
 from .model import AdaLoraModel, BaseLinear
 from .optim import AdamW
 from .orth import orthogonal_regularizer
-from .training import StepResult, train_step
+from .training import NonFiniteStepError, StepResult, train_step
 
 __all__ = [
     "MLP",
@@ -38,6 +38,7 @@ __all__ = [
     "SVDConv2d",
     "SVDLinear",
     "SVDTriplet",
+    "NonFiniteStepError",
     "StepResult",
     "TripletGrads",
     "budget_schedule",
