@@ -24,6 +24,7 @@ from ._backend import BACKENDS, dtype_by_name, from_numpy, get_backend
 from .bench_report import register_bench
 from .cli_args import int_at_least, load_backend, non_negative_int
 from .config import AdaLoraConfig
+from .conformance.export import register_cases
 from .conformance.runner import register_conform
 from .demo import register_demo
 from .mlp import MLP, mse_loss
@@ -113,7 +114,7 @@ def register_train(sub: argparse._SubParsersAction) -> None:
 
 
 # Each command registers its own subparser and sets `func(args, parser) -> exit code`.
-COMMANDS = [register_conform, register_train, register_bench, register_demo]
+COMMANDS = [register_conform, register_cases, register_train, register_bench, register_demo]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

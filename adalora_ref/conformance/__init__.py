@@ -3,6 +3,8 @@
 case       the on-disk format of golden cases (JSON + safetensors + MANIFEST.json)
 reference  what adalora_ref answers for each case kind
 compare    judging outputs check by check, first divergence first
-port       reading a port's outputs (docs/SPEC.md, "Writing a port's outputs")
-runner     `adalora-ref conform`: runs cases, prints the table, writes the JSON report
+port       reading a port's outputs and its port.json (docs/SPEC.md, "Writing a port's outputs")
+runner     `adalora-ref conform`: selects and runs cases, prints the table, writes the reports
+junit      the results as JUnit XML (`conform --junit`), for a port's CI
+export     `adalora-ref cases list | export DIR`: the cases as plain files for a port
 """
