@@ -160,12 +160,16 @@ def _read_weights(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         raise ValueError(f"{path}: a directory, not a safetensors file") from None
     header = _safetensors_header(path, data)
     metadata = header.pop("__metadata__", None) or {}
-    wrong = {k: v.get("dtype") for k, v in header.items() if not isinstance(v, dict) or v.get("dtype") not in FLOATS}
-    if wrong:
-        key = sorted(wrong)[0]
-        raise ValueError(
-            f"{path}: tensor {key} has dtype {wrong[key]}; adapter tensors must be floating point ({', '.join(FLOATS)})"
-        )
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path}: not a readable safetensors file: __metadata__ is not an object")
+    for key, spec in header.items():
+        if not isinstance(spec, dict):
+            raise ValueError(f"{path}: not a readable safetensors file: the header entry of {key} is not an object")
+        if spec.get("dtype") not in FLOATS:
+            raise ValueError(
+                f"{path}: tensor {key} has dtype {spec.get('dtype')}; adapter tensors must be floating point "
+                f"({', '.join(FLOATS)})"
+            )
     bf16 = sorted(k for k, v in header.items() if v["dtype"] == "BF16")
     if bf16:  # NumPy has no bfloat16: read them as their 16-bit patterns, widened below
         for key in bf16:
