@@ -373,3 +373,49 @@ def test_cases_export_refuses_a_tampered_source_and_writes_nothing(
     assert main(["cases", "export", str(tmp_path / "copy"), "--cases", str(source)]) == 2
     assert "orth/basic_f64.json: changed or truncated" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["source"]
+
+
+def test_cases_export_that_fails_midway_leaves_no_folder_and_no_staging(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adalora_ref.conformance import export
+
+    calls = []
+
+    def full_disk_at_the_20th_file(path: Path, data: bytes) -> None:
+        calls.append(path)
+        if len(calls) == 20:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        _files.write_atomically(path, data)
+
+    monkeypatch.setattr(export, "write_atomically", full_disk_at_the_20th_file)
+    assert main(["cases", "export", str(tmp_path / "cases")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith(": No space left on device\n")
+    assert os.listdir(tmp_path) == []
+
+
+def test_cases_export_into_an_empty_folder_moves_the_manifest_last(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash while filling an existing empty folder leaves it without a manifest: conform refuses it."""
+    from adalora_ref.conformance import export
+
+    dest = tmp_path / "cases"
+    dest.mkdir()
+    real_rename, moved = os.rename, []
+
+    def fail_on_the_third(src: Path, dst: Path) -> None:
+        moved.append(Path(dst).name)
+        if len(moved) == 3:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(src))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(export.os, "rename", fail_on_the_third)
+    assert main(["cases", "export", str(dest)]) == 2
+    monkeypatch.undo()
+    assert MANIFEST not in os.listdir(dest) and len(os.listdir(dest)) == 2
+    assert os.listdir(tmp_path) == ["cases"]  # the staging folder is gone
+    capsys.readouterr()
+    code, _, err = conform(capsys, "--cases", str(dest))
+    assert code == 2 and "MANIFEST.json" in err
