@@ -1,0 +1,103 @@
+"""conv_layer: SVDConv2d's forward, the four gradients, delta weight (a kernel), merge and unmerge
+(docs/SPEC.md 14.2), driven as the layer kind drives SVDLinear."""
+
+from __future__ import annotations
+
+import torch
+
+from adalora_ref.conformance.case import Case
+
+from .common import TORCH_DTYPES, Generated, Stack, adalora, case
+from .layer import driven_layer, layer_inputs
+
+CONV_LAYER_CASES = [
+    # name, conv (torch.nn.Conv2d's arguments), r, lora_alpha, bias, input shape, dropout p
+    ("basic", {"in_channels": 3, "out_channels": 4, "kernel_size": 3, "padding": 1}, 4, 8, True, (2, 3, 6, 5), 0.0),
+    (
+        "strided_dilated",
+        {
+            "in_channels": 4,
+            "out_channels": 6,
+            "kernel_size": (2, 3),
+            "stride": (2, 1),
+            "padding": (1, 0),
+            "dilation": (1, 2),
+        },
+        3,
+        16,
+        True,
+        (2, 4, 7, 9),
+        0.0,
+    ),
+    (
+        "same_padding",
+        {"in_channels": 2, "out_channels": 3, "kernel_size": (3, 2), "padding": "same", "dilation": (2, 1)},
+        2,
+        8,
+        False,
+        (1, 2, 5, 6),
+        0.0,
+    ),
+    ("pointwise_alpha_zero", {"in_channels": 5, "out_channels": 3, "kernel_size": 1}, 4, 0, True, (3, 5, 4, 4), 0.0),
+    (
+        "unbatched_valid",
+        {"in_channels": 3, "out_channels": 2, "kernel_size": 2, "padding": "valid"},
+        2,
+        8,
+        True,
+        (3, 5, 5),
+        0.0,
+    ),
+    (
+        "dropout",
+        {"in_channels": 3, "out_channels": 4, "kernel_size": 3, "stride": 2, "padding": 1},
+        3,
+        8,
+        True,
+        (2, 3, 6, 6),
+        0.25,
+    ),
+]
+FIRST_SEED = 69  # seeds 69.. (after the layer cases' 1..18)
+
+
+def cases() -> Generated:
+    seed = FIRST_SEED
+    for dtype in ("float64", "float32"):
+        for spec in CONV_LAYER_CASES:
+            yield gen_conv_layer(dtype, seed, spec), {}
+            seed += 1
+
+
+def gen_conv_layer(dtype: str, seed: int, spec: tuple) -> Case:
+    name, conv, r, alpha, bias, input_shape, p = spec
+    config = {
+        "conv": conv,
+        "r": r,
+        "lora_alpha": alpha,
+        "bias": bias,
+        "lora_dropout": p,
+        "input_shape": list(input_shape),
+    }
+    description = f"SVDConv2d forward, backward and merge: {name}"
+    c = case("conv_layer", f"{name}_{dtype[-2:]}", dtype, description, config, seed)
+    torch.manual_seed(seed)
+    stack = Stack([("conv", 0, 0)], bias=bias, convs={"conv": conv}).to(TORCH_DTYPES[dtype])
+    model = adalora(
+        stack,
+        target_modules=["conv"],
+        init_r=r,
+        target_r=0,
+        total_step=10,
+        lora_alpha=alpha,
+        lora_dropout=p,
+        init_lora_weights=False,
+    )
+    layer = model.base_model.model.conv
+    layer_inputs(c, layer)
+    x = torch.randn(*input_shape, dtype=TORCH_DTYPES[dtype], requires_grad=True)
+    with torch.no_grad():
+        out_shape = layer.get_base_layer()(x).shape
+    grad_y = torch.randn(*out_shape, dtype=TORCH_DTYPES[dtype])
+    driven_layer(c, model, layer, x, grad_y, p, seed, kernel=True)
+    return c

@@ -1,0 +1,47 @@
+"""init: what peft draws for a fresh adapter (docs/SPEC.md 14.3). The draws themselves are torch's
+RNG, which a port does not share: the case holds lora_E (deterministic) and sample statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from adalora_ref.conformance.case import Case, Check
+
+from .common import PARTS, Generated, Stack, adalora, case, lora, record, t2n, tensor
+
+
+def cases() -> Generated:
+    yield gen_init(True, 101), {}
+    yield gen_init(False, 102), {}
+
+
+def gen_init(init_lora_weights: bool, seed: int) -> Case:
+    n_in, n_out, r = 512, 384, 256
+    config = {"in_features": n_in, "out_features": n_out, "r": r, "init_lora_weights": init_lora_weights, "seed": seed}
+    name = "default" if init_lora_weights else "init_lora_weights_false"
+    c = case(
+        "init", name, "float32", f"a fresh SVDLinear triplet ({name}): E, and mean and std of A, E, B", config, seed
+    )
+    torch.manual_seed(seed)
+    model = adalora(
+        Stack([("proj", n_in, n_out)]),
+        target_modules=["proj"],
+        init_r=r,
+        target_r=0,
+        total_step=10,
+        init_lora_weights=init_lora_weights,
+    )
+    layer = model.base_model.model.proj
+    if init_lora_weights:
+        record(c, tensor("lora_E", "initial lora_E", rtol=0.0), t2n(lora(layer, "lora_E")))
+    for part in PARTS:  # sample statistics of >= 98k draws (E: 256): 5% (E: 20%) is well beyond their noise
+        values = t2n(lora(layer, part)).astype(np.float64)
+        loose = 0.2 if part == "lora_E" else 0.05
+        if not (init_lora_weights and part == "lora_E"):
+            std = np.asarray(values.std(), dtype=np.float32)  # statistics stored in the case's dtype
+            record(c, tensor(f"std.{part}", f"std of initial {part}", rtol=loose), std)
+            scale = values.std() / np.sqrt(values.size) * 5  # |mean| within 5 standard errors
+            mean = Check(f"mean.{part}", f"mean of initial {part}", "tensor", None, None, float(scale))
+            record(c, mean, np.asarray(0.0, dtype=np.float32))
+    return c

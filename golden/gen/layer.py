@@ -1,0 +1,115 @@
+"""layer: SVDLinear's forward, the four gradients, delta weight, merge and unmerge (docs/SPEC.md 14.1).
+
+`driven_layer` (inputs in, one forward and backward, every output recorded) serves conv_layer too.
+"""
+
+from __future__ import annotations
+
+import peft
+import torch
+
+from adalora_ref.conformance.case import Case
+
+from .common import PARTS, TORCH_DTYPES, Generated, Stack, adalora, case, exact, lora, record, t2n, tensor
+
+LAYER_CASES = [
+    # name, in, out, r, fan_in_fan_out, bias, lora_alpha, input leading dims, dropout p
+    ("basic", 12, 10, 4, False, True, 8, (6,), 0.0),
+    ("no_bias", 9, 14, 3, False, False, 16, (5,), 0.0),
+    ("fan_in_fan_out", 10, 7, 5, True, True, 8, (4,), 0.0),
+    ("alpha_zero", 8, 8, 3, False, True, 0, (4,), 0.0),
+    ("r_zero", 6, 5, 0, False, True, 8, (3,), 0.0),
+    ("r_one", 6, 5, 1, False, True, 32, (3,), 0.0),
+    ("input_3d", 8, 6, 4, False, True, 8, (2, 3), 0.0),
+    ("input_1d", 8, 6, 4, False, True, 8, (), 0.0),
+    ("dropout", 11, 9, 4, False, True, 8, (2, 5), 0.3),
+]
+
+
+def cases() -> Generated:
+    seed = 0
+    for dtype in ("float64", "float32"):
+        for spec in LAYER_CASES:
+            seed += 1
+            yield gen_layer(spec[0], dtype, seed, spec), {}
+
+
+def gen_layer(name: str, dtype: str, seed: int, spec: tuple) -> Case:
+    _, n_in, n_out, r, fan, bias, alpha, lead, p = spec
+    config = {
+        "in_features": n_in,
+        "out_features": n_out,
+        "r": r,
+        "lora_alpha": alpha,
+        "fan_in_fan_out": fan,
+        "bias": bias,
+        "lora_dropout": p,
+        "input_shape": [*lead, n_in],
+    }
+    c = case("layer", f"{name}_{dtype[-2:]}", dtype, f"SVDLinear forward, backward and merge: {name}", config, seed)
+    torch.manual_seed(seed)
+    stack = Stack([("proj", n_in, n_out)], conv1d=fan, bias=bias).to(TORCH_DTYPES[dtype])
+    model = adalora(
+        stack,
+        target_modules=["proj"],
+        init_r=r,
+        target_r=0,
+        total_step=10,
+        lora_alpha=alpha,
+        lora_dropout=p,
+        fan_in_fan_out=fan,
+        init_lora_weights=False,
+    )
+    layer = model.base_model.model.proj
+    layer_inputs(c, layer)
+    x = torch.randn(*lead, n_in, dtype=TORCH_DTYPES[dtype], requires_grad=True)
+    grad_y = torch.randn(*lead, n_out, dtype=TORCH_DTYPES[dtype])
+    driven_layer(c, model, layer, x, grad_y, p, seed, kernel=False)
+    return c
+
+
+def layer_inputs(c: Case, layer: torch.nn.Module) -> None:
+    """The base weight (and bias) and the adapter's triplet, as the case's inputs."""
+    base = layer.get_base_layer()
+    c.inputs["weight"] = t2n(base.weight)
+    if base.bias is not None:
+        c.inputs["bias"] = t2n(base.bias)
+    for part in PARTS:
+        c.inputs[part] = t2n(lora(layer, part))
+
+
+def driven_layer(
+    c: Case,
+    model: peft.PeftModel,
+    layer: torch.nn.Module,
+    x: torch.Tensor,
+    grad_y: torch.Tensor,
+    p: float,
+    seed: int,
+    *,
+    kernel: bool,
+) -> None:
+    """One forward (with peft's dropout mask when p > 0) and backward of `layer`, then its delta
+    weight, merge and unmerge: every output recorded. `kernel`: the base weight is a conv kernel."""
+    base = layer.get_base_layer()
+    c.inputs["x"], c.inputs["grad_y"] = t2n(x), t2n(grad_y)
+    model.train()
+    if p > 0:
+        torch.manual_seed(seed + 1)
+        c.inputs["dropout_mask"] = t2n(torch.nn.functional.dropout(torch.ones_like(x), p, training=True))
+        torch.manual_seed(seed + 1)  # peft's dropout draws the same mask
+    y = layer(x)
+    y.backward(grad_y)
+    record(c, exact("scaling", "scaling"), layer.scaling["default"])
+    record(c, exact("ranknum", "ranknum"), float(layer.ranknum["default"].detach()))
+    record(c, tensor("y", "output y"), t2n(y))
+    record(c, tensor("grad_x", "input gradient"), t2n(x.grad))
+    for part in PARTS:
+        record(c, tensor(f"grad_{part}", f"gradient of {part}"), t2n(lora(layer, part).grad))
+    delta = "delta weight (a kernel)" if kernel else "delta weight"
+    record(c, tensor("delta_weight", delta), t2n(layer.get_delta_weight("default")))
+    word = "kernel" if kernel else "weight"
+    layer.merge()
+    record(c, tensor("merged_weight", f"merged base {word}"), t2n(base.weight))
+    layer.unmerge()
+    record(c, tensor("unmerged_weight", f"unmerged base {word}"), t2n(base.weight))
