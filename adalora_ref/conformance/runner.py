@@ -40,17 +40,16 @@ def select_case_ids(root: Path, kinds: Sequence[str] | None = None, globs: Seque
     Refuses (CaseError) an unknown kind, a glob that matches no case, and an empty selection.
     """
     ids = case_ids(root)
+    if not ids:
+        raise CaseError(f"no cases under {root}")
     for kind in kinds or ():
         if kind not in KINDS:
             raise CaseError(f"--kind {kind!r}: unknown kind; the kinds are {', '.join(KINDS)}")
     for glob in globs or ():
         if not any(fnmatch.fnmatchcase(i, glob) for i in ids):
             raise CaseError(f"--case {glob!r} matches no case under {root} (ids look like {_examples(ids)})")
-    selected = [
-        i
-        for i in ids
-        if (not kinds or i.split("/")[0] in kinds) and (not globs or any(fnmatch.fnmatchcase(i, g) for g in globs))
-    ]
+    of_kind = [i for i in ids if not kinds or i.split("/")[0] in kinds]
+    selected = [i for i in of_kind if not globs or any(fnmatch.fnmatchcase(i, g) for g in globs)]
     if not selected:
         wanted = []
         if kinds:
@@ -67,7 +66,7 @@ def _examples(ids: Sequence[str]) -> str:
     first_of_kind: dict[str, str] = {}
     for i in ids:
         first_of_kind.setdefault(i.split("/")[0], i)
-    return ", ".join(list(first_of_kind.values())[:4]) or "nothing: there are no cases"
+    return ", ".join(list(first_of_kind.values())[:4])
 
 
 def run_cases(
