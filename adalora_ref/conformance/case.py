@@ -21,8 +21,10 @@ as `layer/linear_bias_f64`. The JSON holds:
     files        extra files of the case (a checkpoint case carries peft's saved adapter)
 
 A directory of cases has a `MANIFEST.json`: {"format", "provenance", "files": {relative path:
-sha256}}. Every file is checked against it when a case is loaded; a changed, missing or extra
-file is an error naming it.
+sha256}} listing every regular file under it (dot-files too) except itself. Every file is checked
+against it when the directory is loaded; a changed, missing or extra file is an error naming it.
+What a well-formed directory, manifest and case are (paths that stay inside the folder, no
+symbolic links, every field of a case) is validate.py's; a case that breaks a rule is a CaseError.
 """
 
 from __future__ import annotations
@@ -40,10 +42,18 @@ from safetensors.numpy import load as load_safetensors_bytes
 from safetensors.numpy import save as save_safetensors_bytes
 
 from .._files import write_atomically
-
-FORMAT = "adalora-ref-golden/1"
-MANIFEST = "MANIFEST.json"
-KINDS = ("layer", "conv_layer", "init", "orth", "schedule", "allocator", "trajectory", "checkpoint", "config")
+from .validate import (
+    FORMAT,
+    KINDS,
+    MANIFEST,
+    CaseError,
+    case_json,
+    case_tensors,
+    inside,
+    manifest_files,
+    regular_files,
+    require_directory,
+)
 
 
 @dataclass
@@ -127,26 +137,32 @@ def write_case(root: Path, case: Case, extra_files: Mapping[str, bytes] | None =
 
 
 def write_manifest(root: Path, provenance: Mapping[str, Any]) -> None:
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.startswith("."))
-    manifest = {
-        "format": FORMAT,
-        "provenance": dict(provenance),
-        "files": {p.relative_to(root).as_posix(): sha256_of(p) for p in files},
-    }
+    """List every regular file under `root` (dot-files too), except the manifest, with its sha256."""
+    files = {rel: sha256_of(root / rel) for rel in regular_files(root) if rel != MANIFEST}
+    manifest = {"format": FORMAT, "provenance": dict(provenance), "files": files}
     write_atomically(root / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
 
 
-class CaseError(ValueError):
-    """A golden case directory or file that cannot be trusted; the message names the file."""
+def _read_bytes(path: Path, missing: str) -> bytes:
+    try:
+        if path.exists() and not path.is_file():  # a folder, or a FIFO or device (reading one could hang)
+            raise CaseError(f"{path}: not a regular file")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise CaseError(f"{path}: {missing}") from None
+    except OSError as err:
+        raise CaseError(f"{path}: cannot read: {err.strerror}") from None
 
 
 def _read_format_json(path: Path, missing: str) -> dict[str, Any]:
     """A JSON object of this format (a manifest or a case); errors name the file."""
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CaseError(f"{path}: {missing}") from None
-    except json.JSONDecodeError as err:
+        data = json.loads(_read_bytes(path, missing).decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise CaseError(f"{path}: not UTF-8 text: {err}") from None
+    except RecursionError:
+        raise CaseError(f"{path}: invalid JSON: nested too deeply") from None
+    except ValueError as err:  # JSONDecodeError, or an integer with more digits than Python converts
         raise CaseError(f"{path}: invalid JSON: {err}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
@@ -155,79 +171,78 @@ def _read_format_json(path: Path, missing: str) -> dict[str, Any]:
 
 
 def read_manifest(root: Path, *, verify: bool = True) -> dict[str, Any]:
-    """The manifest of a case directory; with `verify`, every file's sha256 is checked against it."""
-    path = root / MANIFEST
+    """The manifest of a case directory, its shape and paths checked; with `verify`, the files under
+    `root` must be exactly those listed (no links, nothing extra, nothing missing), each with its sha256."""
+    require_directory(root)
+    path = inside(root, MANIFEST, str(root))  # a link is refused before it is read
     manifest = _read_format_json(path, f"missing (a case directory needs a {MANIFEST} listing every file)")
+    listed = manifest_files(manifest, path)
     if verify:
-        listed = manifest["files"]
-        for rel, digest in sorted(listed.items()):
-            file = root / rel
-            if not file.is_file():
-                raise CaseError(f"{file}: listed in {MANIFEST} but missing")
-            if sha256_of(file) != digest:
-                raise CaseError(f"{file}: changed or truncated (sha256 differs from {MANIFEST})")
-        present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST}
-        unlisted = sorted(p for p in present - set(listed) if not Path(p).name.startswith("."))
+        present = set(regular_files(root)) - {MANIFEST}
+        missing = sorted(set(listed) - present)
+        if missing:
+            raise CaseError(f"{root / missing[0]}: listed in {MANIFEST} but missing")
+        unlisted = sorted(present - set(listed))
         if unlisted:
             raise CaseError(f"{root / unlisted[0]}: not listed in {MANIFEST} (add it by regenerating the manifest)")
+        for rel, digest in sorted(listed.items()):
+            if sha256_of(root / rel) != digest:  # the walk above found no link, the entry has no '..'
+                raise CaseError(f"{root / rel}: changed or truncated (sha256 differs from {MANIFEST})")
     return manifest
 
 
 def case_ids(root: Path) -> list[str]:
-    """The ids of the cases under `root`, sorted by kind order then name."""
-    ids = [p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.json") if p.name != MANIFEST]
-    ids = [i for i in ids if not i.startswith(".") and ".files/" not in i]
+    """The ids of the cases under `root`, sorted by kind order then name. Every `.json` file under
+    `root` except the manifest and the files inside a case's `<id>.files/` folder is a case, whatever
+    its name (a dot-named one too: it is then read, and refused unless it is a well-formed case)."""
+    jsons = [rel for rel in regular_files(root) if rel.endswith(".json") and rel != MANIFEST]
+    ids = [rel.removesuffix(".json") for rel in jsons if not any(p.endswith(".files") for p in rel.split("/")[:-1])]
     order = {k: n for n, k in enumerate(KINDS)}
     return sorted(ids, key=lambda i: (order.get(i.split("/")[0], len(KINDS)), i))
 
 
 def read_case(root: Path, case_id: str) -> Case:
-    """Load one case (the manifest is checked separately, by `read_manifest`)."""
-    json_path = (root / case_id).with_suffix(".json")
-    st_path = (root / case_id).with_suffix(".safetensors")
+    """Load one case, every field checked (validate.py); the manifest is checked by `read_manifest`."""
+    require_directory(root)
+    json_path = inside(root, f"{case_id}.json", f"{root}: case id")
+    st_path = inside(root, f"{case_id}.safetensors", f"{root}: case id")
     meta = _read_format_json(json_path, "no such case")
+    case_json(meta, json_path, case_id)
     tensors = read_tensors(st_path)
-    inputs = {}
-    for name, spec in meta["inputs"].items():
-        key = f"inputs/{name}"
-        if key not in tensors:
-            raise CaseError(f"{st_path}: missing tensor {key}")
-        if list(tensors[key].shape) != spec["shape"]:
-            raise CaseError(f"{st_path}: {key} has shape {list(tensors[key].shape)}, the case says {spec['shape']}")
-        inputs[name] = tensors[key]
-    checks = [Check(**c) for c in meta["checks"]]
-    expected: dict[str, Any] = {}
-    for c in checks:
-        if c.type == "tensor":
-            key = f"outputs/{c.key}"
-            if key not in tensors:
-                raise CaseError(f"{st_path}: missing tensor {key}")
-            expected[c.key] = tensors[key]
-        else:
-            if c.key not in meta["values"]:
-                raise CaseError(f"{json_path}: values has no entry {c.key!r}")
-            expected[c.key] = meta["values"][c.key]
-    files = {name: json_path.parent / f"{json_path.stem}.files" / name for name in meta.get("files", [])}
+    case_tensors(meta, tensors, st_path)
+    checks = [
+        Check(c["key"], c["quantity"], c["type"], c.get("step"), c.get("layer"), _float_or_none(c.get("rtol")))
+        for c in meta["checks"]
+    ]
+    expected = {c.key: tensors[f"outputs/{c.key}"] if c.type == "tensor" else meta["values"][c.key] for c in checks}
+    folder = f"{case_id}.files"
+    files = {name: inside(root, f"{folder}/{name}", f"{json_path}: files") for name in meta["files"]}
+    for name, path in files.items():
+        if not path.is_file():
+            raise CaseError(f"{json_path}: files: {name!r} is not a file in {folder}/")
     return Case(
         id=meta["id"],
         kind=meta["kind"],
         dtype=meta["dtype"],
         description=meta["description"],
         config=meta["config"],
-        inputs=inputs,
+        inputs={name: tensors[f"inputs/{name}"] for name in meta["inputs"]},
         checks=checks,
         expected=expected,
-        margins=meta.get("margins", {}),
-        provenance=meta.get("provenance", {}),
+        margins=meta["margins"],
+        provenance=meta["provenance"],
         files=files,
     )
 
 
+def _float_or_none(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
 def read_tensors(path: Path) -> dict[str, np.ndarray]:
+    data = _read_bytes(path, "missing")
     try:
-        return load_safetensors_bytes(path.read_bytes())
-    except FileNotFoundError:
-        raise CaseError(f"{path}: missing") from None
+        return load_safetensors_bytes(data)
     except (SafetensorError, ValueError) as err:
         raise CaseError(f"{path}: not a readable safetensors file: {err}") from None
 
