@@ -268,7 +268,7 @@ WRONG_PORTS = [
         "allocator/phases_64",
         "exp_avg_unc of q.lora_A at step 1",
     ),
-    ("scaling = lora_alpha / r", (reference, "SVDLinear", AlphaOverR), "layer/basic_64", "scaling is 2, expected 8"),
+    ("scaling = lora_alpha / r", (reference, "SVDLinear", AlphaOverR), "layer/basic_64", "scaling is 2.0, expected 8"),
     (
         "conv patches ordered (kh, kw, C)",
         (conv_module, "im2col", im2col_taps_outer),
@@ -279,7 +279,7 @@ WRONG_PORTS = [
         "ranknum changed by masking",
         (model_module.AdaLoraModel, "set_lora_E", ranknum_follows_mask),
         "trajectory/mlp_mse_64",
-        "ranknum of fc3 at step 6 is 5, expected 6",
+        "ranknum of fc3 at step 6 is 5.0, expected 6.0",
     ),
     (
         "importance from E alone",

@@ -1,0 +1,420 @@
+"""Recognising common port mistakes in a case's outputs (docs/SPEC.md section 18).
+
+Each mistake has a recogniser: a test over one case's failing checks and the port's own outputs
+that says "these divergences are what this mistake produces". Recognisers are specific: most
+recompute what the mistaken formula gives from the port's own outputs (its EMAs, its patterns,
+its budget) or from the case's inputs, and match only when the port agrees with the mistake and
+not with peft. Checking against the port's own values keeps a recogniser valid when the port has
+other mistakes too. A correct port has no failing checks and so never matches one.
+
+`recognise(case, actual, failures)` returns the mistakes matched, in SPEC order. This module
+judges nothing: compare.py decides what fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .._backend import get_backend
+from ..allocator import PARTS, budget_schedule
+from ..layer import SVDTriplet
+from ..orth import orthogonal_regularizer
+from .case import Case
+from .results import CheckFailure, KnownMistake
+
+AGREES = {"float64": 1e-7, "float32": 1e-3}  # how closely a port must match a recomputed mistake
+ROUNDING = 1e-6  # float32 rounding (2**-24 = 6e-8 relative per constant) stays under this in a float64 case
+
+
+@dataclass
+class Evidence:
+    """What a recogniser looks at: the case, the port's outputs and the failing checks."""
+
+    case: Case
+    actual: Mapping[str, Any]
+    failures: list[CheckFailure]
+
+    def failed(self, quantity: str) -> list[CheckFailure]:
+        return [f for f in self.failures if f.check.quantity == quantity]
+
+    def tensor(self, key: str) -> np.ndarray | None:
+        """The port's value for `key` as float64, None when absent or not numeric."""
+        value = self.actual.get(key)
+        try:
+            return None if value is None else np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            return None
+
+    def value(self, key: str) -> Any:
+        """The port's exact value for `key`, or the expected one when the port wrote none."""
+        return self.actual.get(key, self.case.expected.get(key))
+
+    def agrees(self, actual: np.ndarray | None, candidate: np.ndarray) -> bool:
+        """Normwise agreement within AGREES of the case's dtype."""
+        if actual is None or actual.size != candidate.size:
+            return False
+        a, c = actual.reshape(candidate.shape), candidate
+        scale = max(float(np.max(np.abs(c))), 1e-300) if c.size else 1.0
+        largest = float(np.max(np.abs(a - c), initial=0.0))
+        return bool(np.all(np.isfinite(a))) and largest <= AGREES[self.case.dtype] * scale
+
+
+# --- the schedule of a case ------------------------------------------------------------------------
+
+
+def _schedule(case: Case) -> dict[str, int] | None:
+    """init_bgt, target_bgt, tinit, tfinal, total_step, deltaT of a schedule, allocator or trajectory case."""
+    c = case.config
+    keys = ("tinit", "tfinal", "total_step", "deltaT")
+    if case.kind == "schedule":
+        ranks = c["layer_ranks"]
+        return {"init_bgt": sum(ranks), "target_bgt": c["target_r"] * len(ranks), **{k: c[k] for k in keys}}
+    if case.kind == "allocator":
+        layers = c["layers"]
+        init_bgt = sum(r for _, r, _, _ in layers)
+        return {"init_bgt": init_bgt, "target_bgt": c["target_r"] * len(layers), **{k: c[k] for k in keys}}
+    if case.kind == "trajectory":
+        a = c["adalora"]
+        n = sum(1 for layer in c["layers"] if layer[3])
+        return {"init_bgt": a["init_r"] * n, "target_bgt": a["target_r"] * n, **{k: a[k] for k in keys}}
+    return None
+
+
+def _final(case: Case) -> int:
+    s = _schedule(case)
+    assert s is not None
+    return s["total_step"] - s["tfinal"]
+
+
+def _masking_steps(ev: Evidence) -> list[int]:
+    """The steps <= total_step - tfinal at which the allocator masked (by the schedule, or forced at the end)."""
+    s = _schedule(ev.case)
+    if s is None:
+        return []
+    final = s["total_step"] - s["tfinal"]
+    return [step for step in range(1, final + 1) if step == final or budget_schedule(step, **s)[1]]
+
+
+def _layers(case: Case) -> list[str]:
+    if case.kind == "trajectory":
+        return [layer[0] for layer in case.config["layers"] if layer[3]]
+    return [layer[0] for layer in case.config.get("layers", [])]
+
+
+def _pattern(ev: Evidence, step: int) -> dict[str, list[bool]] | None:
+    """The port's rank pattern at `step`, layer -> kept flags (the expected one where it wrote none)."""
+    if ev.case.kind == "trajectory":
+        stored = ev.value(f"step{step}.rank_pattern")
+        return {k.removesuffix(".lora_E"): v for k, v in stored.items()} if isinstance(stored, Mapping) else None
+    pattern = {name: ev.value(f"step{step}.rank_pattern.{name}") for name in _layers(ev.case)}
+    return pattern if all(isinstance(v, list) for v in pattern.values()) else None
+
+
+def _E_nonzero(ev: Evidence, step: int, layer: str) -> list[bool] | None:
+    """The port's flags E[i] != 0 after `step`."""
+    if ev.case.kind == "trajectory":
+        flags = ev.actual.get(f"step{step}.E_nonzero.{layer}")
+        return [bool(f) for f in flags] if isinstance(flags, list) else None
+    E = ev.tensor(f"step{step}.lora_E.{layer}")
+    return None if E is None else [bool(v) for v in E.reshape(-1) != 0]
+
+
+def _kept_but_pruned(ev: Evidence, step: int, pattern: Mapping[str, list[bool]]) -> bool:
+    """True when, after `step`, some E row the pattern prunes is nonzero in the port's outputs."""
+    for layer, keep in pattern.items():
+        nonzero = _E_nonzero(ev, step, layer)
+        if (
+            nonzero is not None
+            and len(nonzero) == len(keep)
+            and any(n and not k for n, k in zip(nonzero, keep, strict=True))
+        ):
+            return True
+    return False
+
+
+# --- the recognisers, in SPEC section 18's order -------------------------------------------------
+
+
+def e_initialized_to_ones(ev: Evidence) -> bool:
+    """E all ones: seen whole (init_lora_weights true: E must be all zeros), or as std 0 and mean 1."""
+    E, std, mean = ev.tensor("lora_E"), ev.tensor("std.lora_E"), ev.tensor("mean.lora_E")
+    if ev.failed("initial lora_E"):
+        return E is not None and E.size > 0 and bool(np.all(E == 1))
+    stats = ev.failed("std of initial lora_E") and std is not None and mean is not None
+    return bool(stats) and bool(np.all(std == 0)) and bool(np.all(mean == 1))
+
+
+def scaling_alpha_over_r(ev: Evidence) -> bool:
+    c = ev.case.config
+    scaling = ev.actual.get("scaling")
+    if not ev.failed("scaling") or not isinstance(scaling, int | float) or c["r"] <= 0:
+        return False  # lora_alpha 0 too: such a port gives 0 / r where peft takes float(r)
+    return math.isclose(float(scaling), c["lora_alpha"] / c["r"], rel_tol=1e-9)
+
+
+def conv_patches_taps_outer(ev: Evidence) -> bool:
+    """y as a port computes it that orders patch columns (kh, kw, C): A's (and maybe the kernel's)
+    columns meet the wrong pixels. Recomputed by the reference with those columns permuted."""
+    if not ev.failed("output y"):
+        return False
+    weight = ev.case.inputs["weight"]
+    out_c, c, kh, kw = weight.shape
+    if c == 1 or kh * kw == 1:
+        return False
+
+    def taps_outer(m: np.ndarray) -> np.ndarray:  # column (i, j, c) read as (c, i, j)
+        return m.reshape(m.shape[0], kh, kw, c).transpose(0, 3, 1, 2).reshape(m.shape[0], c * kh * kw)
+
+    from .reference import run_case  # the reference answers the mistaken inputs
+
+    A = taps_outer(ev.case.inputs["lora_A"])
+    W = taps_outer(weight.reshape(out_c, -1)).reshape(weight.shape)
+    y = ev.tensor("y")
+    for inputs in ({"lora_A": A}, {"lora_A": A, "weight": W}):  # a native base conv, or im2col for both
+        wrong = dataclasses.replace(ev.case, inputs={**ev.case.inputs, **inputs})
+        if ev.agrees(y, np.asarray(run_case(wrong, get_backend("numpy"))["y"])):
+            return True
+    return False
+
+
+def orth_over_layers(ev: Evidence) -> bool:
+    """R divided by the number of layers, not of matrices: twice peft's R (and gradients)."""
+    if ev.case.kind == "orth":
+        value = ev.tensor("value")
+        expected = np.asarray(ev.case.expected["value"], dtype=np.float64)
+        positive = float(expected.reshape(-1)[0]) > 0
+        return bool(ev.failed("regularizer value")) and positive and ev.agrees(value, 2 * expected)
+    first = ev.failures[0] if ev.failures else None
+    if first is None or first.check.key != "step1.loss":  # a trajectory: the first loss is off by exactly R
+        return False
+    triplets = [SVDTriplet(*(ev.case.inputs[f"init.{n}.{part}"] for part in PARTS)) for n in _layers(ev.case)]
+    R, _ = orthogonal_regularizer(triplets, ev.case.config["adalora"].get("orth_reg_weight", 0.5))
+    loss = ev.tensor("step1.loss")
+    expected = np.asarray(ev.case.expected["step1.loss"], dtype=np.float64)
+    return float(R) > 0 and loss is not None and ev.agrees(loss - expected, np.full(expected.shape, float(R)))
+
+
+def importance_from_E_alone(ev: Evidence) -> bool:
+    """ipt of A and B missing or zero while E's is right."""
+    failing = ev.failed("ipt")
+    if not failing or any(f.check.layer is None or f.check.layer.endswith(".lora_E") for f in failing):
+        return False
+    for f in failing:
+        ipt = ev.tensor(f.check.key)
+        if not (f.missing or (ipt is not None and not np.any(ipt))):
+            return False
+    return any(c.quantity == "ipt" and c.layer and c.layer.endswith(".lora_E") for c in ev.case.checks)
+
+
+def unc_against_previous(ev: Evidence) -> bool:
+    """exp_avg_unc = beta2 * unc + (1 - beta2) * |ipt - exp_avg_ipt of the PREVIOUS step|, the port's own values."""
+    failing = ev.failed("exp_avg_unc")
+    if not failing:
+        return False
+    beta2 = ev.case.config["beta2"]
+    first_step = failing[0].check.step
+    for f in (f for f in failing if f.check.step == first_step):
+        s, name = f.check.step, f.check.layer
+
+        unc, ipt, avg = (ev.tensor(f"step{s}.{q}.{name}") for q in ("exp_avg_unc", "ipt", "exp_avg_ipt"))
+        if unc is None or ipt is None or avg is None:
+            return False
+        before = [
+            np.zeros_like(ipt) if s == 1 else ev.tensor(f"step{s - 1}.{q}.{name}")
+            for q in ("exp_avg_ipt", "exp_avg_unc")
+        ]
+        prev_avg, prev_unc = before
+        if prev_avg is None or prev_unc is None:
+            return False
+        wrong = beta2 * prev_unc + (1 - beta2) * np.abs(ipt - prev_avg)
+        right = beta2 * prev_unc + (1 - beta2) * np.abs(ipt - avg)
+        if not ev.agrees(unc, wrong) or ev.agrees(unc, right):
+            return False
+    return True
+
+
+def score_as_sum(ev: Evidence) -> bool:
+    """Triplet scores from exp_avg_ipt + exp_avg_unc (a sum), the port's own EMAs."""
+    failing = ev.failed("triplet scores")
+    if not failing:
+        return False
+    f = failing[0]
+    s, name = f.check.step, f.check.layer
+    last = max((t for t in range(1, s + 1) if f"step{t}.exp_avg_ipt.{name}.lora_A" in ev.case.expected), default=None)
+    if last is None:
+        return False
+    parts = {}
+    for part in PARTS:
+        avg, unc = (ev.tensor(f"step{last}.{q}.{name}.{part}") for q in ("exp_avg_ipt", "exp_avg_unc"))
+        if avg is None or unc is None:
+            return False
+        parts[part] = (avg, unc)
+
+    def triplet_score(element: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+        s_A, s_E, s_B = (element(*parts[p]) for p in PARTS)  # (r, in), (r, 1), (out, r)
+        return s_E[:, 0] + (s_A.mean(axis=1) + s_B.mean(axis=0))  # (r,)
+
+    scores = ev.tensor(f.check.key)
+    return ev.agrees(scores, triplet_score(np.add)) and not ev.agrees(scores, triplet_score(np.multiply))
+
+
+def linear_budget(ev: Evidence) -> bool:
+    """Every failing budget lies within 1 of the linear interpolation from init_bgt to target_bgt."""
+    failing, s = ev.failed("budget"), _schedule(ev.case)
+    if not failing or s is None:
+        return False
+    span = s["total_step"] - s["tfinal"] - s["tinit"]
+    for f in failing:
+        budget, step = ev.actual.get(f.check.key), f.check.step
+        if not isinstance(budget, int | float) or isinstance(budget, bool) or step is None:
+            return False
+        if not s["tinit"] < step <= s["total_step"] - s["tfinal"]:
+            return False
+        linear = s["init_bgt"] - (s["init_bgt"] - s["target_bgt"]) * (step - s["tinit"]) / span
+        if abs(budget - linear) >= 1:
+            return False
+    return True
+
+
+def keep_top_by_count(ev: Evidence) -> bool:
+    """Exactly `budget` rows kept where peft's ties left fewer."""
+    failing = ev.failed("rank pattern")
+    if not failing or failing[0].check.step is None:
+        return False
+    step = failing[0].check.step
+    pattern, budget = _pattern(ev, step), ev.value(f"step{step}.budget")
+    expected_budget = ev.case.expected.get(f"step{step}.budget")
+    expected = (
+        {name: ev.case.expected.get(f"step{step}.rank_pattern.{name}") for name in _layers(ev.case)}
+        if ev.case.kind == "allocator"
+        else ev.case.expected.get(f"step{step}.rank_pattern")
+    )
+    if pattern is None or not isinstance(budget, int) or not isinstance(expected, Mapping):
+        return False
+    kept = sum(sum(bool(k) for k in keep) for keep in pattern.values())
+    expected_kept = sum(sum(bool(k) for k in keep) for keep in expected.values() if isinstance(keep, list))
+    return kept == budget and isinstance(expected_kept, int) and expected_kept < (expected_budget or 0)
+
+
+def e_never_zeroed(ev: Evidence) -> bool:
+    """At a masking step, E rows the port's own pattern prunes are still nonzero."""
+    if not (ev.failed("lora_E after update_and_allocate") or ev.failed("non-zero rows of lora_E")):
+        return False
+    for step in _masking_steps(ev):
+        pattern = _pattern(ev, step)
+        if pattern is not None and _kept_but_pruned(ev, step, pattern):
+            return True
+    return False
+
+
+def no_final_masking(ev: Evidence) -> bool:
+    """E zeroed at every masking step, but past total_step - tfinal rows the stored pattern prunes come back."""
+    if not (ev.failed("lora_E after update_and_allocate") or ev.failed("non-zero rows of lora_E")):
+        return False
+    masking = _masking_steps(ev)
+    if any(p is not None and _kept_but_pruned(ev, s, p) for s in masking for p in [_pattern(ev, s)]):
+        return False
+    final = _final(ev.case)
+    pattern = _pattern(ev, final)
+    later = sorted({f.check.step for f in ev.failures if f.check.step is not None and f.check.step > final})
+    return pattern is not None and any(_kept_but_pruned(ev, step, pattern) for step in later)
+
+
+def ranknum_follows_mask(ev: Evidence) -> bool:
+    """ranknum equal to the number of rows kept (after masking, or after resizing on load)."""
+    if ev.case.kind == "checkpoint":
+        failing = ev.failed("ranknum after loading")
+        return bool(failing) and all(ev.actual.get(f.check.key) == ev.value(f"r.{f.check.layer}") for f in failing)
+    failing = ev.failed("ranknum")
+    if not failing:
+        return False
+    for f in failing:
+        nonzero = _E_nonzero(ev, f.check.step, f.check.layer) if f.check.step is not None else None
+        pattern = _pattern(ev, f.check.step) if f.check.step is not None else None
+        counts = {sum(nonzero)} if nonzero is not None else set()
+        if pattern is not None and f.check.layer in pattern:
+            counts.add(sum(pattern[f.check.layer]))
+        if ev.actual.get(f.check.key) not in counts:
+            return False
+    return True
+
+
+def float32_constants(ev: Evidence) -> bool:
+    """In a float64 case the first divergence is a tensor off by no more than float32 rounding."""
+    if ev.case.dtype != "float64" or not ev.failures:
+        return False
+    first = ev.failures[0]
+    return first.error is not None and first.error <= ROUNDING
+
+
+@dataclass(frozen=True)
+class Mistake:
+    name: str
+    spec: str  # its subsection of docs/SPEC.md section 18
+    kinds: tuple[str, ...]  # the case kinds it can show in (empty: any)
+    causes: tuple[str, ...]  # the quantities it makes wrong itself, not through another one
+    looks_like: Callable[[Evidence], bool]
+
+
+E_AFTER = ("lora_E after update_and_allocate", "non-zero rows of lora_E")
+MISTAKES = (
+    Mistake(
+        "E initialized to ones", "18.1", ("init",), ("initial lora_E", "std of initial lora_E"), e_initialized_to_ones
+    ),
+    Mistake("scaling = lora_alpha / r", "18.2", ("layer", "conv_layer"), ("scaling",), scaling_alpha_over_r),
+    Mistake("conv patches ordered (kh, kw, C)", "18.3", ("conv_layer",), ("output y",), conv_patches_taps_outer),
+    Mistake(
+        "orthogonal term averaged over layers instead of matrices",
+        "18.4",
+        ("orth", "trajectory"),
+        ("regularizer value", "loss"),
+        orth_over_layers,
+    ),
+    Mistake("importance from E alone", "18.5", ("allocator",), ("ipt",), importance_from_E_alone),
+    Mistake("uncertainty against the previous average", "18.6", ("allocator",), ("exp_avg_unc",), unc_against_previous),
+    Mistake("score = ipt + unc", "18.7", ("allocator",), ("triplet scores",), score_as_sum),
+    Mistake("linear budget schedule", "18.8", ("schedule", "allocator", "trajectory"), ("budget",), linear_budget),
+    Mistake(
+        "keep the top budget rows by count", "18.9", ("allocator", "trajectory"), ("rank pattern",), keep_top_by_count
+    ),
+    Mistake("E never zeroed by masking", "18.10", ("allocator", "trajectory"), E_AFTER, e_never_zeroed),
+    Mistake("no masking in the final phase", "18.11", ("allocator", "trajectory"), E_AFTER, no_final_masking),
+    Mistake(
+        "ranknum changed by masking",
+        "18.12",
+        ("trajectory", "checkpoint"),
+        ("ranknum", "ranknum after loading"),
+        ranknum_follows_mask,
+    ),
+    Mistake("float32-rounded constants in a float64 case", "18.13", (), (), float32_constants),
+)
+
+
+def caused_by(found: list[KnownMistake]) -> set[str]:
+    """The quantities that the mistakes `found` make wrong themselves (roots, whatever came before)."""
+    names = {m.name for m in found}
+    return {q for mistake in MISTAKES if mistake.name in names for q in mistake.causes}
+
+
+def recognise(case: Case, actual: Mapping[str, Any], failures: list[CheckFailure]) -> list[KnownMistake]:
+    """The known mistakes that `failures` (of `case`, with the port's `actual` outputs) look like."""
+    if not failures:
+        return []
+    ev = Evidence(case, actual, failures)
+    found = []
+    for mistake in MISTAKES:
+        if mistake.kinds and case.kind not in mistake.kinds:
+            continue
+        try:
+            matched = mistake.looks_like(ev)
+        except (KeyError, TypeError, ValueError, IndexError):  # outputs too malformed to tell: no match
+            matched = False
+        if matched:
+            found.append(KnownMistake(mistake.name, mistake.spec))
+    return found
