@@ -15,6 +15,7 @@ AdaLoRA moving rank to them (adalora_ref/demo.py). Nothing imports this module; 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -123,7 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for register in COMMANDS:
         register(sub)
     args = parser.parse_args(argv)
-    return args.func(args, parser)
+    try:
+        return args.func(args, parser)
+    except BrokenPipeError:  # `adalora-ref cases list | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit must not fail
+        return 1
 
 
 if __name__ == "__main__":

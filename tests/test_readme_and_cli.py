@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -44,3 +45,17 @@ def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["train", "--steps", "3"])
     assert "adalora-ref train: error: argument --steps: must be an integer >= 10, got '3'" in capsys.readouterr().err
+
+
+def test_output_into_a_closed_pipe_is_no_traceback() -> None:
+    """`adalora-ref cases list | head -1`: the reader leaves early; the command ends quietly."""
+    import subprocess
+    import sys
+
+    code = "import sys; from adalora_ref.cli import main; sys.exit(main(['cases', 'list']))"
+    read, write = os.pipe()
+    os.close(read)
+    result = subprocess.run([sys.executable, "-c", code], stdout=write, stderr=subprocess.PIPE, text=True)
+    os.close(write)
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, result.stderr
+    assert result.returncode == 1
