@@ -299,7 +299,7 @@ def tensor(quantity: str = "ipt") -> Check:
 def test_an_error_against_zeros_is_absolute() -> None:
     got = message(tensor(), np.array([[0.0733, 0.0]]), np.zeros((1, 2)))
     assert (
-        got == "ipt of q.lora_A at step 1 differs by 0.0733 absolute (expected all zeros; index (0, 0): 0.0733; "
+        got == "ipt of q.lora_A at step 1 differs by 0.0733 absolute (expected all zeros; at index (0, 0): 0.0733; "
         "tolerance 1e-10)"
     )
 
@@ -311,7 +311,7 @@ def test_nan_is_an_infinite_error_in_the_case_and_the_json(tmp_path: Path) -> No
     outputs["y"][2, 3] = math.nan
     result = compare(case, outputs)
     assert result.max_error == math.inf and not result.passed
-    assert result.failures[0].message.startswith("output y is not finite: nan at index (2, 3) (expected ")
+    assert result.failures[0].message.startswith("output y is not finite (at index (2, 3): nan, expected ")
     report = result.to_json()
     assert report["max_error"] == "inf" and report["failures"][0]["error"] == "inf"
     json.loads(json.dumps(report, allow_nan=False))  # strict JSON: no Infinity

@@ -106,19 +106,15 @@ def _judge_tensor(check: Check, a: np.ndarray, e: np.ndarray, rtol: float) -> tu
         return err, None
     assert index is not None  # an empty tensor has error 0
     at = f"index {index}" if e.size > 1 else None
-    place = f" at {at}" if at else ""
-    if not math.isfinite(float(a[index])):
-        message = f"{where} is not finite: {float(a[index])}{place} (expected {float(e[index]):.10g})"
+    place = f"at {at}: " if at else ""
+    got, want = float(a[index]), float(e[index])
+    if not math.isfinite(got):
+        message = f"{where} is not finite ({place}{got}, expected {want:.10g})"
     elif not np.any(e):
-        message = (
-            f"{where} differs by {err:.3g} absolute (expected all zeros; {at + ': ' if at else ''}"
-            f"{float(a[index]):.10g}; tolerance {rtol:.1g})"
-        )
+        message = f"{where} differs by {err:.3g} absolute (expected all zeros; {place}{got:.10g}; tolerance {rtol:.1g})"
     else:
-        detail = f"{at}: " if at else ""
         message = (
-            f"{where} differs by {err:.3g} relative ({detail}{float(a[index]):.10g}, "
-            f"expected {float(e[index]):.10g}; tolerance {rtol:.1g})"
+            f"{where} differs by {err:.3g} relative ({place}{got:.10g}, expected {want:.10g}; tolerance {rtol:.1g})"
         )
     return err, CheckFailure(check, message, error=err, at=at)
 
@@ -147,8 +143,8 @@ def _judge_exact(check: Check, actual: Any, expected: Any) -> CheckFailure | Non
         indices = ", ".join(path[1:-1] for path, _, _ in shown)
         got = ", ".join(_show(a) for _, a, _ in shown)
         want = ", ".join(_show(e) for _, _, e in shown)
-        odd = next((a for _, a, e in shown if _type_differs(a, e)), ABSENT)
-        note = f" ({_plural(odd)} where {_plural(shown[0][2])} are expected)" if odd is not ABSENT else ""
+        odd = next(((a, e) for _, a, e in shown if _type_differs(a, e)), None)
+        note = f" ({_plural(odd[0])} where {_plural(odd[1])} are expected)" if odd else ""
         message = f"{where} differs at indices [{indices}]{more}: [{got}], expected [{want}]{note}"
         return CheckFailure(check, message, at=f"indices [{indices}]")
     parts = [f"{path}: {_versus(a, e)}" for path, a, e in shown]
@@ -243,10 +239,8 @@ def _show(value: Any) -> str:
         text = f"{value:.10g}"
         return text if any(c in text for c in ".en") else text + ".0"
     if isinstance(value, list):
-        items = [_show(v) for v in value[:12]]
-        return f"[{', '.join(items)}{', ...' if len(value) > 12 else ''}]" + (
-            f" ({len(value)} items)" if len(value) > 12 else ""
-        )
+        items = ", ".join(_show(v) for v in value[:12])
+        return f"[{items}]" if len(value) <= 12 else f"[{items}, ...] ({len(value)} items)"
     if isinstance(value, Mapping):
         return "{" + ", ".join(f"{json.dumps(str(k))}: {_show(v)}" for k, v in value.items()) + "}"
     try:

@@ -26,10 +26,12 @@ from ..allocator import PARTS, budget_schedule
 from ..layer import SVDTriplet
 from ..orth import orthogonal_regularizer
 from .case import Case
+from .reference import run_case
 from .results import CheckFailure, KnownMistake
 
 AGREES = {"float64": 1e-7, "float32": 1e-3}  # how closely a port must match a recomputed mistake
 ROUNDING = 1e-6  # float32 rounding (2**-24 = 6e-8 relative per constant) stays under this in a float64 case
+EXACTLY = 1e-12  # agreement to float64 rounding: tells a float32-rounded constant (1.6e-7 apart) from the right one
 
 
 @dataclass
@@ -55,14 +57,15 @@ class Evidence:
         """The port's exact value for `key`, or the expected one when the port wrote none."""
         return self.actual.get(key, self.case.expected.get(key))
 
-    def agrees(self, actual: np.ndarray | None, candidate: np.ndarray) -> bool:
-        """Normwise agreement within AGREES of the case's dtype."""
+    def agrees(self, actual: np.ndarray | None, candidate: np.ndarray, tolerance: float | None = None) -> bool:
+        """Normwise agreement within `tolerance` (default: AGREES of the case's dtype)."""
         if actual is None or actual.size != candidate.size:
             return False
         a, c = actual.reshape(candidate.shape), candidate
         scale = max(float(np.max(np.abs(c))), 1e-300) if c.size else 1.0
         largest = float(np.max(np.abs(a - c), initial=0.0))
-        return bool(np.all(np.isfinite(a))) and largest <= AGREES[self.case.dtype] * scale
+        limit = AGREES[self.case.dtype] if tolerance is None else tolerance
+        return bool(np.all(np.isfinite(a))) and largest <= limit * scale
 
 
 # --- the schedule of a case ------------------------------------------------------------------------
@@ -170,8 +173,6 @@ def conv_patches_taps_outer(ev: Evidence) -> bool:
 
     def taps_outer(m: np.ndarray) -> np.ndarray:  # column (i, j, c) read as (c, i, j)
         return m.reshape(m.shape[0], kh, kw, c).transpose(0, 3, 1, 2).reshape(m.shape[0], c * kh * kw)
-
-    from .reference import run_case  # the reference answers the mistaken inputs
 
     A = taps_outer(ev.case.inputs["lora_A"])
     W = taps_outer(weight.reshape(out_c, -1)).reshape(weight.shape)
@@ -346,18 +347,39 @@ def ranknum_follows_mask(ev: Evidence) -> bool:
 
 
 def float32_constants(ev: Evidence) -> bool:
-    """In a float64 case the first divergence is a tensor off by no more than float32 rounding."""
+    """A float64 case computed with constants rounded to float32 (beta1 = 0.85 -> 0.8500000238...).
+
+    allocator: the first divergence is an EMA that the port's own previous EMA and ipt give exactly
+    (to float64 rounding) with float32 betas. trajectory (AdamW's lr, betas, eps, weight_decay):
+    recognised by size only: every failing check a tensor off by no more than float32 rounding
+    carried through (ROUNDING), no decision (an exact check) changed.
+    """
     if ev.case.dtype != "float64" or not ev.failures:
         return False
-    first = ev.failures[0]
-    return first.error is not None and first.error <= ROUNDING
+    if ev.case.kind == "trajectory":
+        return all(f.error is not None and f.error <= ROUNDING for f in ev.failures)
+    first = ev.failures[0].check
+    if first.quantity not in ("exp_avg_ipt", "exp_avg_unc") or first.step is None:
+        return False
+    s, name, c = first.step, first.layer, ev.case.config
+    ipt, avg, unc = (ev.tensor(f"step{s}.{q}.{name}") for q in ("ipt", "exp_avg_ipt", "exp_avg_unc"))
+    before = [
+        np.zeros_like(ipt) if s == 1 else ev.tensor(f"step{s - 1}.{q}.{name}") for q in ("exp_avg_ipt", "exp_avg_unc")
+    ]
+    if ipt is None or any(v is None for v in before):
+        return False
+    b1, b2 = float(np.float32(c["beta1"])), float(np.float32(c["beta2"]))
+    avg32 = b1 * before[0] + (1 - b1) * ipt
+    if first.quantity == "exp_avg_ipt":
+        return ev.agrees(avg, avg32, EXACTLY)
+    return ev.agrees(unc, b2 * before[1] + (1 - b2) * np.abs(ipt - avg), EXACTLY)
 
 
 @dataclass(frozen=True)
 class Mistake:
     name: str
     spec: str  # its subsection of docs/SPEC.md section 18
-    kinds: tuple[str, ...]  # the case kinds it can show in (empty: any)
+    kinds: tuple[str, ...]  # the case kinds it can show in
     causes: tuple[str, ...]  # the quantities it makes wrong itself, not through another one
     looks_like: Callable[[Evidence], bool]
 
@@ -392,7 +414,7 @@ MISTAKES = (
         ("ranknum", "ranknum after loading"),
         ranknum_follows_mask,
     ),
-    Mistake("float32-rounded constants in a float64 case", "18.13", (), (), float32_constants),
+    Mistake("float32-rounded constants in a float64 case", "18.13", ("allocator", "trajectory"), (), float32_constants),
 )
 
 
@@ -409,7 +431,7 @@ def recognise(case: Case, actual: Mapping[str, Any], failures: list[CheckFailure
     ev = Evidence(case, actual, failures)
     found = []
     for mistake in MISTAKES:
-        if mistake.kinds and case.kind not in mistake.kinds:
+        if case.kind not in mistake.kinds:
             continue
         try:
             matched = mistake.looks_like(ev)
