@@ -4,8 +4,8 @@ Everything else in adalora_ref takes its namespace from its inputs through `name
 uses only the array API standard. This module owns:
 
 - finding the namespace of a set of arrays, and refusing a mix of libraries;
-- the checks every public function shares (shape, dtype, finiteness), with errors that name the
-  offending value;
+- the checks every public function shares (shape, dtype, finiteness of arrays; finite real numbers
+  and step numbers among plain values), with errors that name the offending value;
 - moving arrays to and from NumPy (for random initialisation and for files);
 - looking up a backend by name (`numpy`, `array_api_strict`, `torch`, `cupy`) for the CLI and tests.
 
@@ -15,6 +15,8 @@ It does not own any AdaLoRA math.
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 from typing import Any
 
 import array_api_compat
@@ -24,6 +26,8 @@ Array = Any
 """Any array of a library that implements the array API standard (numpy, cupy, torch, ...)."""
 
 BACKENDS = ("numpy", "array_api_strict", "torch", "cupy")
+INT64_MAX = 2**63 - 1
+"""The largest step number or integer setting accepted: what a port stores in an int64."""
 
 
 def namespace(*arrays: Array | None) -> Any:
@@ -125,6 +129,32 @@ def check_finite(name: str, x: Array) -> None:
     if not bool(xp.all(xp.isfinite(x))):
         bad = int(xp.sum(xp.astype(~xp.isfinite(x), xp.int64)))
         raise ValueError(f"{name} holds {bad} non-finite value(s) (NaN or Inf)")
+
+
+def is_finite_real(value: object) -> bool:
+    """Whether `value` is a real number (an int or float of any library, not a bool) that is finite as
+    a float. False for bool, str, None, NaN, +-inf and an int too large to be a float."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float's range
+        return False
+
+
+def check_step(name: str, value: object) -> int:
+    """A step number as a plain int: any integral type but bool, from 0 (step 0 is a step) to INT64_MAX.
+
+    Raises TypeError naming `name` for anything but an integer (2.0, "3", True) and ValueError for a
+    negative one or one beyond int64.
+    """
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer >= 0, got {value!r} of type {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    if value > INT64_MAX:
+        raise ValueError(f"{name} must be an integer < 2**63 (a port stores it in int64), got {value!r}")
+    return int(value)
 
 
 def dtype_name_or_raise(name: str, x: Array) -> str:

@@ -31,8 +31,13 @@ Decisions peft leaves undefined, made here (see docs/SPEC.md):
   tensor, and the state is left as it was. peft carries NaN into the scores silently: a row scored
   NaN is never pruned (NaN <= threshold is false) and is reported kept, and when every score is
   NaN nothing is pruned at all (checked with peft 0.21.2).
-- A layer missing from, or extra in, the gradients, or a tensor of the wrong shape: ValueError.
-- A step number smaller than the previous one: ValueError.
+- A layer missing from, or extra in, the gradients, or a tensor of the wrong shape or dtype: ValueError
+  (TypeError for a dtype); a triplet whose A has no columns or B no rows (peft's mean over no
+  entries is NaN): ValueError.
+- A step number smaller than the previous one: ValueError. A step that is not an int >= 0 (2.0,
+  "3", True, -1): TypeError or ValueError naming global_step; step 0 is a valid step.
+- Scores that overflow (finite importances whose product is not finite in the dtype): ValueError at
+  the masking step, naming the layer (peft would prune every row, all scores tying at inf).
 """
 
 from __future__ import annotations
@@ -41,7 +46,16 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ._backend import Array, check_shape, device_of, namespace, to_bool_list
+from ._backend import (
+    Array,
+    check_dtype,
+    check_shape,
+    check_step,
+    device_of,
+    dtype_name_or_raise,
+    namespace,
+    to_bool_list,
+)
 from .layer import SVDTriplet, TripletGrads
 
 PARTS = ("lora_A", "lora_E", "lora_B")
@@ -50,7 +64,8 @@ PARTS = ("lora_A", "lora_E", "lora_B")
 def budget_schedule(
     step: int, *, init_bgt: int, target_bgt: int, tinit: int, tfinal: int, total_step: int, deltaT: int
 ) -> tuple[int, bool]:
-    """(budget, mask_ind) at `step`: peft's cubic schedule, truncated with int()."""
+    """(budget, mask_ind) at `step` (an int >= 0): peft's cubic schedule, truncated with int()."""
+    step = check_step("step", step)
     if step <= tinit:  # initial warm-up: full budget, no masking
         return init_bgt, False
     if step > total_step - tfinal:  # final fine-tuning: target budget, always masked
@@ -207,14 +222,23 @@ class RankAllocator:
             missing, extra = sorted(expected - set(given)), sorted(set(given) - expected)
             if missing or extra:
                 raise ValueError(f"{what} do not match the allocator's layers: missing {missing}, extra {extra}")
+        float_dtypes: list[object] = []  # each dtype met in this call, once found to be float32 / float64
         for name, r in self.layer_ranks.items():
             triplet = params[name]
-            if triplet.r != r:
-                raise ValueError(f"{name}.lora_E has {triplet.r} rows, the allocator expects r = {r}")
+            if not isinstance(triplet, SVDTriplet):
+                raise ValueError(f"params[{name!r}] must be an SVDTriplet, got {type(triplet).__name__}")
+            if triplet.lora_A.dtype not in float_dtypes:
+                dtype_name_or_raise(f"{name}.lora_A", triplet.lora_A)
+                float_dtypes.append(triplet.lora_A.dtype)
+            _check_triplet(name, triplet, r)
             if grads is None:
                 continue
+            if not isinstance(grads[name], TripletGrads):
+                raise ValueError(f"grads[{name!r}] must be a TripletGrads, got {type(grads[name]).__name__}")
             for part in PARTS:
-                check_shape(f"{name}.{part} grad", getattr(grads[name], part), tuple(getattr(triplet, part).shape))
+                p, g = getattr(triplet, part), getattr(grads[name], part)
+                check_shape(f"{name}.{part} grad", g, tuple(p.shape))
+                check_dtype(f"{name}.{part} grad", g, p.dtype)
 
     def update_ipt(self, params: Mapping[str, SVDTriplet], grads: Mapping[str, TripletGrads]) -> None:
         """One importance step for every tensor. All-or-nothing: on an error the state is unchanged.
@@ -247,6 +271,12 @@ class RankAllocator:
         scores = self.scores()
         xp = namespace(*scores.values())
         all_scores = xp.concat(list(scores.values()))  # (init_bgt,) in layer order
+        if not bool(xp.all(xp.isfinite(all_scores))):
+            overflowing = [name for name, score in scores.items() if not bool(xp.all(xp.isfinite(score)))]
+            raise ValueError(
+                f"the importance scores of {overflowing} overflow (exp_avg_ipt * exp_avg_unc is not finite in "
+                "this dtype): no threshold can be taken"
+            )
         threshold = kth_smallest(all_scores, self.init_bgt - budget)
         keep_all = to_bool_list(all_scores > threshold)  # peft prunes score <= threshold: ties all go
         allocation = Allocation(budget=budget, masked=True, threshold=threshold, scores=scores, rank_pattern={})
@@ -267,18 +297,39 @@ class RankAllocator:
         force_mask: bool = False,
     ) -> Allocation:
         """peft's RankAllocator.update_and_allocate: importance (before total_step - tfinal), then
-        the schedule, then masking when the schedule says so or `force_mask`."""
+        the schedule, then masking when the schedule says so or `force_mask`. `global_step` is an
+        int >= 0, not smaller than the previous call's."""
+        global_step = check_step("global_step", global_step)
         if self.last_step is not None and global_step < self.last_step:
             raise ValueError(f"step {global_step} comes after step {self.last_step}: steps must not go backwards")
         if global_step < self.total_step - self.tfinal:
             if grads is None:
                 raise ValueError(f"step {global_step} updates the importance: gradients are required")
             self.update_ipt(params, grads)
-        self.last_step = global_step
+            self.last_step = global_step  # the importance moved: this step happened, whatever follows
         budget, mask_ind = self.budget_schedule(global_step)
-        if mask_ind or force_mask:
-            return self.mask_to_budget(params, budget)
-        return Allocation(budget=budget, masked=False)
+        allocation = self.mask_to_budget(params, budget) if mask_ind or force_mask else Allocation(budget, False)
+        self.last_step = global_step  # a refused step leaves no trace (unless its importance moved)
+        return allocation
+
+
+def _check_triplet(name: str, triplet: SVDTriplet, r: int) -> None:
+    """A (r, in), E (r, 1), B (out, r), all of A's dtype, with in, out >= 1 when r > 0."""
+    A, E, B = triplet.lora_A, triplet.lora_E, triplet.lora_B
+    for part, x in zip(PARTS, (A, E, B), strict=True):
+        check_dtype(f"{name}.{part}", x, A.dtype)
+        if len(x.shape) != 2:
+            raise ValueError(f"{name}.{part} must be 2-D, got shape {tuple(x.shape)}")
+    if E.shape[0] != r:
+        raise ValueError(f"{name}.lora_E has {E.shape[0]} rows, the allocator expects r = {r}")
+    check_shape(f"{name}.lora_E", E, (r, 1))
+    check_shape(f"{name}.lora_A", A, (r, A.shape[1]))
+    check_shape(f"{name}.lora_B", B, (B.shape[0], r))
+    if r > 0 and (A.shape[1] == 0 or B.shape[0] == 0):
+        raise ValueError(
+            f"{name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} leave no entries to average: "
+            "the importance of a layer with no inputs or no outputs is undefined"
+        )
 
 
 def mask_using_rank_pattern(

@@ -4,10 +4,12 @@ Owns:
 - `AdaLoraConfig`: every field AdaLoRA reads, with peft's names and defaults, plus `extra` for the
   LoRA fields AdaLoRA does not read (kept so that a peft adapter_config.json is written back whole);
 - validation: peft's rules, with peft's message text kept inside ours, plus the rules peft misses
-  (init_r >= target_r, betas in (0, 1), integer fields really integers, ...);
-- adapter_config.json in and out (`to_dict`, `from_dict`, `save_json` written atomically, `load_json`);
-- target module matching (`matches_module_list_or_regex`, `is_target`), branch for branch as peft's
-  `check_target_module_exists`.
+  (init_r >= target_r, betas in (0, 1), integer fields really integers, numbers finite, regular
+  expressions that compile, values nested at most MAX_NESTING levels deep, ...);
+- adapter_config.json in and out (`to_dict`, `from_dict`, `save_json` written atomically, `load_json`).
+
+Target module matching (`is_target`, `is_module_to_save`, `matches_module_list_or_regex`) lives in
+targets.py; config.py re-exports those names.
 
 Does not own: the layers (layer.py), the rank allocator and its schedule (allocator.py), the model
 and which of its layers exist (model.py), tensors and safetensors files (checkpoint.py). No torch here.
@@ -26,16 +28,22 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import numbers
 import os
 import re
+import reprlib
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
+
+from ._backend import INT64_MAX, is_finite_real
+from .targets import is_module_to_save as is_module_to_save  # re-exported: target matching lived here
+from .targets import is_target as is_target
+from .targets import layer_index_regex, module_to_save_regex
+from .targets import matches_module_list_or_regex as matches_module_list_or_regex
 
 PEFT_TYPE = "ADALORA"
 PEFT_VERSION = "0.21.2"  # the peft release whose adapter_config.json this module reads and writes
@@ -72,6 +80,9 @@ PEFT_EXTRA_DEFAULTS: dict[str, Any] = {
 }
 # Extra fields that describe the file, not the computation: other values are kept without a warning.
 _BOOKKEEPING_FIELDS = frozenset({"auto_mapping", "megatron_core", "peft_version", "qalora_group_size", "revision"})
+MAX_NESTING = 100
+"""The deepest a value in a config may nest lists and dicts (peft's own fields nest 3 levels at most).
+Deeper values would overflow Python's stack when copied, compared or written back."""
 
 _PEFT_TOTAL_STEP = "AdaLoRA does not work when `total_step` is None, supply a value > 0."
 _PEFT_SCHEDULE = (
@@ -126,6 +137,9 @@ class AdaLoraConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in (*_field_names(), "extra"):
+            if _nests_deeper_than(getattr(self, name), MAX_NESTING):
+                _fail(name, f"nested at most {MAX_NESTING} levels deep (lists and dicts)", getattr(self, name))
         self._check_schedule()
         self._check_lora_fields()
         self._check_matching_fields()
@@ -180,10 +194,10 @@ class AdaLoraConfig:
                 _fail(name, "True or False", getattr(self, name))
         if self.use_dora:
             _fail("use_dora", "False", True, "PeftType.ADALORA does not support DoRA.")
-        if self.bias not in BIAS_CHOICES:
+        if not isinstance(self.bias, str) or self.bias not in BIAS_CHOICES:
             _fail("bias", "one of " + ", ".join(map(repr, BIAS_CHOICES)), self.bias)
         self._check_init_lora_weights()
-        if self.task_type is not None and self.task_type not in TASK_TYPES:
+        if self.task_type is not None and (not isinstance(self.task_type, str) or self.task_type not in TASK_TYPES):
             _fail(
                 "task_type",
                 "None or one of " + ", ".join(TASK_TYPES),
@@ -215,11 +229,15 @@ class AdaLoraConfig:
         self.exclude_modules = _names_or_regex("exclude_modules", self.exclude_modules)
         if self.modules_to_save is not None:
             self.modules_to_save = _string_list("modules_to_save", self.modules_to_save, "a list of strings or None")
+            for entry in self.modules_to_save:  # peft reads each entry as a regex when it excludes targets
+                _check_regex("modules_to_save", entry, module_to_save_regex(entry))
         self.layers_to_transform = _layer_indexes(self.layers_to_transform)
         if self.layers_pattern is not None and not isinstance(self.layers_pattern, str):
             self.layers_pattern = _string_list(
                 "layers_pattern", self.layers_pattern, "a string, a list of strings or None"
             )
+        for pattern in [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern or []:
+            _check_regex("layers_pattern", pattern, layer_index_regex(pattern))
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             _fail(
                 "layers_to_transform",
@@ -312,7 +330,7 @@ class AdaLoraConfig:
             _fail("from_dict(data)", "a dict", data)
         values = dict(data)
         peft_type = values.pop("peft_type", PEFT_TYPE)
-        if peft_type != PEFT_TYPE:
+        if not isinstance(peft_type, str) or peft_type != PEFT_TYPE:
             _fail("peft_type", repr(PEFT_TYPE), peft_type)
         if "runtime_config" in values:
             del values["runtime_config"]
@@ -336,8 +354,8 @@ class AdaLoraConfig:
         """Read an adapter_config.json written by peft or by `save_json`.
 
         A missing file raises FileNotFoundError (it names the path). Anything else wrong -- invalid
-        JSON, not an object, no `peft_type` key (peft refuses such a file too), an invalid field --
-        raises ValueError starting with the path.
+        JSON, JSON nested too deeply for Python's parser, not an object, no `peft_type` key (peft
+        refuses such a file too), an invalid field -- raises ValueError starting with the path.
         """
         path = Path(path)
         try:
@@ -346,6 +364,10 @@ class AdaLoraConfig:
             raise ValueError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
         except UnicodeDecodeError as err:
             raise ValueError(f"{path}: not UTF-8 text: {err}") from err
+        except RecursionError:
+            raise ValueError(f"{path}: JSON nested too deeply to read (Python's parser ran out of stack)") from None
+        except ValueError as err:  # e.g. an integer of more digits than Python converts
+            raise ValueError(f"{path}: unreadable JSON value: {err}") from err
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
         if "peft_type" not in data:
@@ -356,93 +378,6 @@ class AdaLoraConfig:
             raise ValueError(f"{path}: {err}") from err
 
 
-# ---- target module matching (peft's check_target_module_exists) --------------------------------
-
-
-def matches_module_list_or_regex(pattern: list[str] | str, name: str) -> bool:
-    """peft's name test: a string is a regex the whole name must match; a list matches a name equal
-    to an entry or ending with "." + entry (so "q" matches "attn.q" but not "attn.xq")."""
-    if isinstance(pattern, str):
-        return re.fullmatch(pattern, name) is not None
-    return any(name == entry or name.endswith("." + entry) for entry in pattern)
-
-
-def is_target(config: AdaLoraConfig, name: str) -> bool:
-    """Whether peft 0.21.2 would put an AdaLoRA layer on the module with this dotted name.
-
-    In peft's order: exclude_modules wins; then a module named by modules_to_save is never targeted;
-    then target_modules. With a list, a name equal to an entry is targeted whatever
-    layers_to_transform says (peft's quirk); a name matching only by suffix must also sit in one of
-    layers_to_transform when that is set. The empty name (the root module) is never targeted.
-    """
-    targets = config.target_modules
-    if targets is None:
-        raise ValueError(
-            "AdaLoraConfig.target_modules must be given to match modules, got None "
-            "(peft falls back to a per-architecture table this reference does not have)"
-        )
-    if isinstance(targets, str) and targets.lower() == "all-linear":
-        raise ValueError("AdaLoraConfig.target_modules='all-linear' needs the module types; list the names instead")
-    if not name:
-        return False
-    if config.exclude_modules and matches_module_list_or_regex(config.exclude_modules, name):
-        return False
-    if config.modules_to_save and _is_module_to_save(config.modules_to_save, name):
-        return False
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    if name in targets:
-        return True
-    if not any(name.endswith("." + entry) for entry in targets):
-        return False
-    return _in_transformed_layer(config, name)
-
-
-def is_module_to_save(config: AdaLoraConfig, name: str) -> bool:
-    """Whether peft wraps the module with this name in a ModulesToSaveWrapper (a trainable copy).
-
-    peft's `_set_trainable` test is a plain string suffix: `name.endswith(entry)` for an entry of
-    modules_to_save (so "head" also matches "lm_head"). This differs from the regex with which the
-    same entries exclude a module from adapter targeting (see is_target).
-    """
-    return bool(name) and any(name.endswith(entry) for entry in config.modules_to_save or [])
-
-
-def _is_module_to_save(modules_to_save: list[str], name: str) -> bool:
-    """peft's test: the name, or one of its dotted prefixes / suffixes, is an entry (read as a regex)."""
-    return any(re.match(rf"(^|.*\.){entry}($|\..*)", name) for entry in modules_to_save)
-
-
-def _in_transformed_layer(config: AdaLoraConfig, name: str) -> bool:
-    """Whether the layer index in `name` is one of layers_to_transform (True when that is unset or [])."""
-    wanted = config.layers_to_transform
-    if wanted is None or wanted == []:
-        return True
-    index = _layer_index(name, config.layers_pattern)
-    if index is None:
-        return False
-    return index == wanted if isinstance(wanted, int) else index in wanted
-
-
-def _layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
-    """The first number in `name` that follows a layers_pattern segment, as peft finds it.
-
-    Without a pattern peft takes the first `<segment>.<digits>.` that has a dot before it: the
-    "0" of "model.layers.0.q", but nothing in "layers.0.q" (no segment before "layers").
-    A pattern is inserted into peft's regex as is (a regex, not a literal).
-    """
-    if not layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
-    else:
-        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
-        match = None
-        for pattern in patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
-            if match is not None:
-                break
-    return int(match["idx"]) if match is not None else None
-
-
 # ---- helpers ----------------------------------------------------------------------------------
 
 
@@ -451,8 +386,25 @@ def _field_names() -> set[str]:
     return {f.name for f in fields(AdaLoraConfig)} - {"extra"}
 
 
+class _ShortRepr(reprlib.Repr):
+    """repr() for error messages: long or deep values cut short, an integer too long to print described."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother, self.maxlong = 6, 200, 200, 60
+        self.maxlist = self.maxtuple = self.maxdict = self.maxset = self.maxfrozenset = 20
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 200:
+            return f"<an integer of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+
+_SHOWN = _ShortRepr()
+
+
 def _fail(name: str, requirement: str, value: Any, peft_message: str = "") -> NoReturn:
-    message = f"AdaLoraConfig.{name} must be {requirement}, got {value!r}"
+    message = f"AdaLoraConfig.{name} must be {requirement}, got {_SHOWN.repr(value)}"
     raise ValueError(f"{message}. {peft_message}" if peft_message else message)
 
 
@@ -465,10 +417,12 @@ def _is_number(value: Any) -> bool:
 
 
 def _integer(name: str, value: Any, minimum: int, bound_name: str = "") -> int:
-    """An int (any integral type but bool) >= minimum, as a plain int. 12.0 and "12" are refused."""
+    """An int (any integral type but bool) >= minimum and < 2**63, as a plain int. 12.0 and "12" are refused."""
     bound = f"{bound_name} = {minimum}" if bound_name else str(minimum)
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
         _fail(name, f"an integer >= {bound}", value)
+    if value > INT64_MAX:
+        _fail(name, "an integer < 2**63 (a port stores it in int64)", value)
     return int(value)
 
 
@@ -476,7 +430,7 @@ def _real(
     name: str, value: Any, requirement: str, accept: Callable[[float], bool], peft_message: str = ""
 ) -> int | float:
     """A finite int or float (not bool) for which `accept` holds; an int stays an int (JSON round trip)."""
-    if not _is_number(value) or not math.isfinite(value) or not accept(value):
+    if not is_finite_real(value) or not accept(value):
         _fail(name, requirement, value, peft_message)
     return int(value) if isinstance(value, numbers.Integral) else float(value)
 
@@ -490,10 +444,44 @@ def _string_list(name: str, value: Any, requirement: str) -> list[str]:
 
 
 def _names_or_regex(name: str, value: Any) -> list[str] | str | None:
-    """None, a regex string, or a collection of names (returned sorted, without duplicates)."""
-    if value is None or isinstance(value, str):
+    """None, a regex string (peft matches it with re.fullmatch), or a collection of names (returned
+    sorted, without duplicates)."""
+    if value is None:
+        return value
+    if isinstance(value, str):
+        _check_regex(name, value, value)
         return value
     return sorted(set(_string_list(name, value, "a list of strings, a regex string or None")))
+
+
+def _check_regex(name: str, value: str, regex: str) -> None:
+    """Refuse `value` when `regex` (the expression peft builds from it) does not compile."""
+    try:
+        re.compile(regex)
+    except re.error as err:
+        _fail(name, "a valid regular expression (peft matches it with the re module)", value, f"re says: {err}")
+    except RecursionError:
+        _fail(name, "a regular expression nested less deeply", value)
+
+
+def _nests_deeper_than(value: Any, limit: int) -> bool:
+    """Whether lists / tuples / dicts in `value` nest more than `limit` levels (a cycle counts as deeper).
+
+    Walked with an explicit stack, so that a value too deep for Python's own recursion is measured too.
+    """
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children = list(item.values())
+        elif isinstance(item, list | tuple | set | frozenset):
+            children = list(item)
+        else:
+            continue
+        if depth + 1 > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _layer_indexes(value: Any) -> list[int] | int | None:

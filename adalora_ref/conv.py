@@ -43,6 +43,8 @@ Padding = IntPair | str
 
 def _pair(name: str, value: IntPair, minimum: int) -> tuple[int, int]:
     """(h, w) from an int or a pair of ints, each at least `minimum`; ValueError naming `name` otherwise."""
+    if not isinstance(value, int | tuple | list):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
@@ -192,6 +194,17 @@ def rows_to_image(y2d: Array, n: int, out_hw: tuple[int, int]) -> Array:
     return xp.permute_dims(y, (0, 3, 1, 2))
 
 
+def _check_kernel(name: str, weight: Array, bias: Array | None) -> None:
+    """A 4-D float kernel (out_channels, in_channels, kh, kw) and a bias (out_channels,) of its dtype, or None."""
+    namespace(weight, bias)
+    dtype_name_or_raise(f"{name}.weight", weight)
+    if len(weight.shape) != 4:
+        raise ValueError(f"{name}.weight must be 4-D (out_channels, in_channels, kh, kw), got {tuple(weight.shape)}")
+    if bias is not None:
+        check_shape(f"{name}.bias", bias, (weight.shape[0],))
+        check_dtype(f"{name}.bias", bias, weight.dtype)
+
+
 @dataclass
 class BaseConv2d:
     """A frozen Conv2d (torch.nn.Conv2d's parameters): kernel (out_channels, in_channels, kh, kw), bias
@@ -203,6 +216,17 @@ class BaseConv2d:
     padding: Padding = 0
     dilation: IntPair = 1
     groups: int = 1
+
+    def check(self, name: str) -> None:
+        """Refuse, naming the layer, a kernel that is not a 4-D float array, a bias that is not
+        (out_channels,) of its dtype, groups other than 1, or a stride / padding / dilation torch refuses."""
+        _check_kernel(name, self.weight, self.bias)
+        if self.groups != 1:
+            raise ValueError(f"{name}: groups = {self.groups!r} is not supported (only groups = 1)")
+        try:
+            ConvGeometry.of(tuple(self.weight.shape[2:]), self.stride, self.padding, self.dilation)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
 
     @property
     def patch_size(self) -> int:
@@ -283,11 +307,7 @@ class SVDConv2d:
     ) -> None:
         self.name = name
         xp = namespace(weight, bias)
-        dtype_name_or_raise(f"{name}.weight", weight)
-        if len(weight.shape) != 4:
-            raise ValueError(
-                f"{name}.weight must be 4-D (out_channels, in_channels, kh, kw), got {tuple(weight.shape)}"
-            )
+        _check_kernel(name, weight, bias)
         if groups != 1:
             raise ValueError(
                 f"{name}: groups = {groups} is not supported; peft 0.21.2's SVDConv2d cannot run it either: its "

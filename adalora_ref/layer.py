@@ -21,6 +21,8 @@ The forward never forms the (out, in) delta matrix; only `delta_weight` (for mer
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from dataclasses import dataclass
 
@@ -34,6 +36,7 @@ from ._backend import (
     device_of,
     dtype_name_or_raise,
     from_numpy,
+    is_finite_real,
     namespace,
 )
 
@@ -54,6 +57,22 @@ def linear_input_grad(grad_y2d: Array, weight: Array, fan_in_fan_out: bool = Fal
     xp = namespace(grad_y2d, weight)
     W = xp.matrix_transpose(weight) if fan_in_fan_out else weight  # (out, in)
     return grad_y2d @ W
+
+
+def check_base_linear(name: str, weight: Array, bias: Array | None, fan_in_fan_out: bool = False) -> tuple[int, int]:
+    """(in_features, out_features) of a frozen linear layer, after refusing, naming the layer, a weight
+    that is not a 2-D float array ((out, in), or (in, out) with fan_in_fan_out) or a bias that is not
+    (out,) of the weight's dtype."""
+    namespace(weight, bias)
+    dtype_name_or_raise(f"{name}.weight", weight)
+    if len(weight.shape) != 2:
+        layout = "(in, out) with fan_in_fan_out" if fan_in_fan_out else "(out, in)"
+        raise ValueError(f"{name}.weight must be 2-D {layout}, got shape {tuple(weight.shape)}")
+    out_features, in_features = (int(n) for n in (weight.shape[::-1] if fan_in_fan_out else weight.shape))
+    if bias is not None:
+        check_shape(f"{name}.bias", bias, (out_features,))
+        check_dtype(f"{name}.bias", bias, weight.dtype)
+    return in_features, out_features
 
 
 @dataclass
@@ -165,20 +184,8 @@ class SVDLinear:
         adapter_name: str = "default",
     ) -> None:
         self.name = name
-        namespace(weight, bias)
-        dtype_name_or_raise(f"{name}.weight", weight)
-        if len(weight.shape) != 2:
-            raise ValueError(f"{name}.weight must be 2-D, got shape {tuple(weight.shape)}")
-        if fan_in_fan_out:
-            in_features, out_features = weight.shape
-        else:
-            out_features, in_features = weight.shape
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
+        self.in_features, self.out_features = check_base_linear(name, weight, bias, fan_in_fan_out)
         self.fan_in_fan_out = fan_in_fan_out
-        if bias is not None:
-            check_shape(f"{name}.bias", bias, (self.out_features,))
-            check_dtype(f"{name}.bias", bias, weight.dtype)
         self.weight = weight
         self.bias = bias
         self.adapters: dict[str, LoraAdapter] = {}
@@ -190,10 +197,27 @@ class SVDLinear:
 
     # -- adapters -----------------------------------------------------------------------------
 
-    def add_adapter(self, adapter_name: str, triplet: SVDTriplet, *, lora_alpha: float, ranknum: float | None = None):
-        """Add (or replace) an adapter; it is not made active. ranknum defaults to the triplet's r."""
+    def add_adapter(
+        self, adapter_name: str, triplet: SVDTriplet, *, lora_alpha: float, ranknum: float | None = None
+    ) -> None:
+        """Add (or replace) an adapter; it is not made active. ranknum defaults to the triplet's r.
+
+        lora_alpha must be a finite int or float (not a bool): peft turns NaN into scaling = r (NaN > 0
+        is false) and inf into infinite outputs; both are refused here. ranknum, when given, must be
+        a finite number >= 0.
+        """
         where = f"{self.name}[{adapter_name}]"
+        if not isinstance(triplet, SVDTriplet):
+            raise TypeError(f"{where}: the triplet must be an SVDTriplet, got {type(triplet).__name__}")
+        if not is_finite_real(lora_alpha):
+            raise ValueError(f"{where}.lora_alpha must be a finite number (int or float), got {lora_alpha!r}")
+        # A plain int or float: a NumPy float64 scalar would promote a float32 layer's outputs to float64.
+        lora_alpha = int(lora_alpha) if isinstance(lora_alpha, numbers.Integral) else float(lora_alpha)
+        if ranknum is not None and not (is_finite_real(ranknum) and ranknum >= 0):
+            raise ValueError(f"{where}.ranknum must be None or a finite number >= 0, got {ranknum!r}")
         namespace(self.weight, triplet.lora_A, triplet.lora_E, triplet.lora_B)
+        if len(triplet.lora_E.shape) != 2:
+            raise ValueError(f"{where}.lora_E must be 2-D (r, 1), got shape {tuple(triplet.lora_E.shape)}")
         r = triplet.r
         check_shape(f"{where}.lora_A", triplet.lora_A, (r, self.in_features))
         check_shape(f"{where}.lora_E", triplet.lora_E, (r, 1))
@@ -279,11 +303,12 @@ class SVDLinear:
         xp = namespace(x)
         if self.disable_adapters and self.merged:
             self.unmerge()
-        x2d = xp.reshape(x, (-1, self.in_features))  # (n, in)
+        rows = math.prod(x.shape[:-1])  # n, spelled out: -1 is ambiguous when in_features == 0
+        x2d = xp.reshape(x, (rows, self.in_features))  # (n, in)
         y = linear_forward(x2d, self.weight, self.bias, self.fan_in_fan_out)  # (n, out)
         cache = ForwardCache(tuple(x.shape), x2d, None, {}, None)
         if not (self.disable_adapters or self.merged):
-            mask2d = None if dropout_mask is None else xp.reshape(dropout_mask, (-1, self.in_features))
+            mask2d = None if dropout_mask is None else xp.reshape(dropout_mask, (rows, self.in_features))
             xd2d = x2d if mask2d is None else x2d * mask2d  # (n, in)
             cache = ForwardCache(tuple(x.shape), x2d, xd2d, {}, mask2d)
             for adapter_name in self.active_adapters:
@@ -316,7 +341,7 @@ class SVDLinear:
         out_shape = (*cache.x_shape[:-1], self.out_features)
         check_shape(f"{self.name} grad_y", grad_y, out_shape)
         check_dtype(f"{self.name} grad_y", grad_y, self.weight.dtype)
-        g = xp.reshape(grad_y, (-1, self.out_features))  # (n, out)
+        g = xp.reshape(grad_y, (math.prod(out_shape[:-1]), self.out_features))  # (n, out)
         grad_x = linear_input_grad(g, self.weight, self.fan_in_fan_out)  # (n, in)
         grads = None
         g_xd = None

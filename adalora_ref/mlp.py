@@ -18,6 +18,7 @@ the same row order.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -148,7 +149,8 @@ class MLP:
             x2d, g2d = layer_cache.x2d, image_to_rows(g)
         else:  # a linear layer: rows of the input, leading dimensions flattened
             h = layer_cache.x2d if isinstance(layer_cache, ForwardCache) else layer_cache
-            x2d, g2d = xp.reshape(h, (-1, h.shape[-1])), xp.reshape(g, (-1, g.shape[-1]))  # (n, in), (n, out)
+            rows = math.prod(h.shape[:-1])  # n, spelled out: -1 is ambiguous for a zero-width layer
+            x2d, g2d = xp.reshape(h, (rows, h.shape[-1])), xp.reshape(g, (rows, g.shape[-1]))  # (n, in), (n, out)
         out: dict[str, Array] = {}
         if "bias" in wanted:
             out[wanted["bias"]] = xp.sum(g2d, axis=0)  # (out,)
@@ -164,24 +166,36 @@ class MLP:
 
 
 def mse_loss(y: Array, target: Array) -> tuple[Array, Array]:
-    """torch.nn.functional.mse_loss (mean reduction) and its gradient with respect to y."""
+    """torch.nn.functional.mse_loss (mean reduction) and its gradient with respect to y.
+
+    An empty batch is refused (ValueError): its mean has no value (torch returns NaN and a NaN step).
+    """
     check_shape("target", target, tuple(y.shape))
     xp = namespace(y, target)
+    n = math.prod(y.shape)
+    if n == 0:
+        raise ValueError(f"mse_loss: the batch is empty (y has shape {tuple(y.shape)}): a mean over no elements")
     diff = y - target
-    n = 1
-    for d in y.shape:
-        n *= d
     return xp.mean(diff * diff), diff * (2.0 / n)
 
 
 def cross_entropy_loss(logits: Array, labels: Array) -> tuple[Array, Array]:
-    """torch.nn.functional.cross_entropy (mean over the batch) for logits (n, C), integer labels (n,)."""
+    """torch.nn.functional.cross_entropy (mean over the batch) for logits (n, C), integer labels (n,).
+
+    An empty batch (n = 0) is refused (ValueError): its mean has no value (torch returns NaN).
+    """
     xp = namespace(logits, labels)
     if len(logits.shape) != 2:
         raise ValueError(f"logits must be 2-D (n, classes), got shape {tuple(logits.shape)}")
     n, n_classes = logits.shape
     check_shape("labels", labels, (n,))
-    if n and (int(xp.min(labels)) < 0 or int(xp.max(labels)) >= n_classes):
+    if n == 0:
+        raise ValueError(
+            f"cross_entropy_loss: the batch is empty (logits have shape {tuple(logits.shape)}): a mean over no samples"
+        )
+    if not xp.isdtype(labels.dtype, "integral"):
+        raise TypeError(f"labels must be integers (class indexes), got dtype {labels.dtype}")
+    if int(xp.min(labels)) < 0 or int(xp.max(labels)) >= n_classes:
         raise ValueError(
             f"labels must lie in [0, {n_classes}), got range [{int(xp.min(labels))}, {int(xp.max(labels))}]"
         )

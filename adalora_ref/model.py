@@ -32,12 +32,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import Array, device_of, dtype_name_or_raise, namespace
+from ._backend import Array, check_step, device_of, namespace
 from .allocator import Allocation, RankAllocator, mask_using_rank_pattern
-from .config import AdaLoraConfig, is_module_to_save, is_target
+from .config import AdaLoraConfig
 from .conv import BaseConv2d, SVDConv2d
-from .layer import SVDLinear, SVDTriplet, TripletGrads, init_triplet
+from .layer import SVDLinear, SVDTriplet, TripletGrads, check_base_linear, init_triplet
 from .orth import orthogonal_regularizer
+from .targets import is_module_to_save, is_target
 
 E_SUFFIX = ".lora_E"
 PEFT_ONE_TRAINABLE = (
@@ -73,7 +74,10 @@ class AdaLoraModel:
         for name, base in base_layers.items():
             if not isinstance(base, (BaseLinear, BaseConv2d)):
                 raise ValueError(f"layer {name!r} is a {type(base).__name__}, not a BaseLinear or BaseConv2d")
-            dtype_name_or_raise(f"{name}.weight", base.weight)
+            if isinstance(base, BaseConv2d):
+                base.check(name)
+            else:
+                check_base_linear(name, base.weight, base.bias, config.fan_in_fan_out)
         self.names = list(base_layers)
         self.base: dict[str, BaseLayer] = dict(base_layers)  # the layers no adapter targets
         self.adapted: dict[str, AdaptedLayer] = {}
@@ -260,8 +264,10 @@ class AdaLoraModel:
 
         `grads` are the trainable adapter's gradients of the step just taken (the importance uses
         the parameters after the optimizer step times the gradients from before it, as in peft).
-        Returns what the allocator decided, or None in the final phase.
+        Returns what the allocator decided, or None in the final phase. `global_step` is an int >= 0
+        (TypeError for 2.0, "3" or True; ValueError for a negative one).
         """
+        global_step = check_step("global_step", global_step)
         if self.allocator is None:
             raise ValueError("this model has no trainable adapter (all are in inference_mode): nothing to allocate")
         c = self.config
@@ -284,8 +290,8 @@ class AdaLoraModel:
         last = self.allocator.last_step
         if last is not None and global_step < last:
             raise ValueError(f"step {global_step} comes after step {last}: steps must not go backwards")
-        self.allocator.last_step = global_step
         self.set_lora_E(mask_using_rank_pattern(self.triplets(), self.layer_rank_pattern()))
+        self.allocator.last_step = global_step
         return None
 
     def _apply(self, allocation: Allocation) -> None:
