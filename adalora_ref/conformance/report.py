@@ -29,6 +29,8 @@ def diagnosis_text(result: CaseResult) -> str:
         return f"unsupported: {result.unsupported}"
     if result.passed:
         return ""
+    if result.error is not None:  # nothing to compare: no outputs, an unreadable file, an exception
+        return f"not judged: {result.error}"
     lines = [f"first divergence: {result.first_failure}"]
     if result.quantities:
         n = len(result.quantities)
