@@ -25,14 +25,12 @@ option that AdaLoRA's SVD layers do not read set away from its default (`use_rsl
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import numbers
 import os
 import re
 import reprlib
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -40,6 +38,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ._backend import INT64_MAX, is_finite_real
+from ._files import write_atomically
 from .targets import is_module_to_save as is_module_to_save  # re-exported: target matching lived here
 from .targets import is_target as is_target
 from .targets import layer_index_regex, module_to_save_regex
@@ -347,7 +346,7 @@ class AdaLoraConfig:
         over `path`. On any failure the old file is untouched and the temporary file is removed.
         """
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
-        _write_atomically(Path(path), text)
+        write_atomically(Path(path), text.encode("utf-8"))
 
     @classmethod
     def load_json(cls, path: str | os.PathLike[str]) -> AdaLoraConfig:
@@ -491,19 +490,3 @@ def _layer_indexes(value: Any) -> list[int] | int | None:
     if isinstance(value, list | tuple):
         return [_integer("layers_to_transform", index, minimum=0) for index in value]
     return _integer("layers_to_transform", value, minimum=0)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Replace `path` by a file holding `text`, or leave it as it was."""
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temp_name, 0o644)  # what open() gives under the usual umask; mkstemp makes it 0600
-        os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
-        raise

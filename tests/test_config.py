@@ -608,7 +608,7 @@ def test_save_json_replaces_an_existing_file(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == ["adapter_config.json"]
 
 
-@pytest.mark.parametrize("failing", ["os.fsync", "os.replace", "os.chmod"])
+@pytest.mark.parametrize("failing", ["os.open", "os.write", "os.fsync", "os.replace"])
 def test_failed_save_leaves_old_file_and_no_temp_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
 ) -> None:
@@ -650,10 +650,11 @@ def test_unserializable_extra_fails_before_touching_the_file(tmp_path: Path) -> 
     assert os.listdir(tmp_path) == ["adapter_config.json"]
 
 
-def test_save_json_into_missing_directory_raises(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError):
-        make().save_json(tmp_path / "missing" / "adapter_config.json")
-    assert os.listdir(tmp_path) == []
+def test_save_json_into_missing_directory_creates_it(tmp_path: Path) -> None:
+    """As save_adapter and every other writer of the project (adalora_ref._files.write_atomically)."""
+    make(init_r=20).save_json(tmp_path / "missing" / "adapter_config.json")
+    assert AdaLoraConfig.load_json(tmp_path / "missing" / "adapter_config.json").init_r == 20
+    assert os.listdir(tmp_path / "missing") == ["adapter_config.json"]
 
 
 def test_load_json_missing_file_names_it(tmp_path: Path) -> None:
