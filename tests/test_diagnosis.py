@@ -352,3 +352,26 @@ def test_malformed_outputs_are_judged_not_crashed_on() -> None:
     result = compare(case, outputs)
     assert result.known_mistakes == [] and result.n_failed >= 4
     assert result.failures[0].message.startswith("loss at step 1")
+
+
+def test_ranknum_set_to_the_loaded_rank_is_named_in_a_checkpoint_case() -> None:
+    case = read_case(CASES, "checkpoint/trained_and_saved")
+    outputs = run_case(case, XP)
+    for name in ("fc1", "fc2", "fc3"):
+        outputs[f"ranknum.{name}"] = float(outputs[f"r.{name}"])
+    result = compare(case, outputs)
+    assert [q.quantity for q in result.quantities] == ["ranknum after loading"]
+    assert [m.name for m in result.known_mistakes] == ["ranknum changed by masking"]
+
+
+def test_a_missing_plus_1e5_is_not_taken_for_float32_rounding_where_it_can_be_told_apart(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without the +1e-5 of the denominator the layer and checkpoint cases fail by about 2.5e-6 / r:
+    the size of float32 rounding, but those cases use no constant float32 cannot hold."""
+    from adalora_ref import layer as layer_module
+
+    results = judged([(layer_module, "RANKNUM_EPS", 0.0)], monkeypatch)
+    failing = [r for r in results.values() if not r.passed and r.kind in ("layer", "conv_layer", "checkpoint")]
+    assert len(failing) >= 14
+    assert all(r.known_mistakes == [] for r in failing), [(r.case_id, r.known_mistakes) for r in failing]

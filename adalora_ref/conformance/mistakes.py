@@ -31,6 +31,7 @@ from .results import CheckFailure, KnownMistake
 
 AGREES = {"float64": 1e-7, "float32": 1e-3}  # how closely a port must match a recomputed mistake
 ROUNDING = 1e-6  # float32 rounding (2**-24 = 6e-8 relative per constant) stays under this in a float64 case
+E_AFTER = ("lora_E after update_and_allocate", "non-zero rows of lora_E")  # E after masking: allocator, trajectory
 EXACTLY = 1e-12  # agreement to float64 rounding: tells a float32-rounded constant (1.6e-7 apart) from the right one
 
 
@@ -141,6 +142,23 @@ def _kept_but_pruned(ev: Evidence, step: int, pattern: Mapping[str, list[bool]])
     return False
 
 
+def _previous(ev: Evidence, step: int, quantity: str, name: str | None, like: np.ndarray | None) -> np.ndarray | None:
+    """The port's EMA `quantity` of `name` at the step before `step` (zeros before step 1)."""
+    if step == 1:
+        return None if like is None else np.zeros_like(like)
+    return ev.tensor(f"step{step - 1}.{quantity}.{name}")
+
+
+def _unzeroed_masking_step(ev: Evidence) -> int | None:
+    """The first masking step (<= total_step - tfinal) after which an E row the port's own pattern
+    prunes is nonzero in its outputs, or None."""
+    for step in _masking_steps(ev):
+        pattern = _pattern(ev, step)
+        if pattern is not None and _kept_but_pruned(ev, step, pattern):
+            return step
+    return None
+
+
 # --- the recognisers, in SPEC section 18's order -------------------------------------------------
 
 
@@ -222,16 +240,9 @@ def unc_against_previous(ev: Evidence) -> bool:
     first_step = failing[0].check.step
     for f in (f for f in failing if f.check.step == first_step):
         s, name = f.check.step, f.check.layer
-
         unc, ipt, avg = (ev.tensor(f"step{s}.{q}.{name}") for q in ("exp_avg_unc", "ipt", "exp_avg_ipt"))
-        if unc is None or ipt is None or avg is None:
-            return False
-        before = [
-            np.zeros_like(ipt) if s == 1 else ev.tensor(f"step{s - 1}.{q}.{name}")
-            for q in ("exp_avg_ipt", "exp_avg_unc")
-        ]
-        prev_avg, prev_unc = before
-        if prev_avg is None or prev_unc is None:
+        prev_avg, prev_unc = (_previous(ev, s, q, name, ipt) for q in ("exp_avg_ipt", "exp_avg_unc"))
+        if unc is None or ipt is None or avg is None or prev_avg is None or prev_unc is None:
             return False
         wrong = beta2 * prev_unc + (1 - beta2) * np.abs(ipt - prev_avg)
         right = beta2 * prev_unc + (1 - beta2) * np.abs(ipt - avg)
@@ -300,26 +311,17 @@ def keep_top_by_count(ev: Evidence) -> bool:
         return False
     kept = sum(sum(bool(k) for k in keep) for keep in pattern.values())
     expected_kept = sum(sum(bool(k) for k in keep) for keep in expected.values() if isinstance(keep, list))
-    return kept == budget and isinstance(expected_kept, int) and expected_kept < (expected_budget or 0)
+    return kept == budget and isinstance(expected_budget, int) and expected_kept < expected_budget
 
 
 def e_never_zeroed(ev: Evidence) -> bool:
     """At a masking step, E rows the port's own pattern prunes are still nonzero."""
-    if not (ev.failed("lora_E after update_and_allocate") or ev.failed("non-zero rows of lora_E")):
-        return False
-    for step in _masking_steps(ev):
-        pattern = _pattern(ev, step)
-        if pattern is not None and _kept_but_pruned(ev, step, pattern):
-            return True
-    return False
+    return any(ev.failed(q) for q in E_AFTER) and _unzeroed_masking_step(ev) is not None
 
 
 def no_final_masking(ev: Evidence) -> bool:
     """E zeroed at every masking step, but past total_step - tfinal rows the stored pattern prunes come back."""
-    if not (ev.failed("lora_E after update_and_allocate") or ev.failed("non-zero rows of lora_E")):
-        return False
-    masking = _masking_steps(ev)
-    if any(p is not None and _kept_but_pruned(ev, s, p) for s in masking for p in [_pattern(ev, s)]):
+    if not any(ev.failed(q) for q in E_AFTER) or _unzeroed_masking_step(ev) is not None:
         return False
     final = _final(ev.case)
     pattern = _pattern(ev, final)
@@ -363,16 +365,13 @@ def float32_constants(ev: Evidence) -> bool:
         return False
     s, name, c = first.step, first.layer, ev.case.config
     ipt, avg, unc = (ev.tensor(f"step{s}.{q}.{name}") for q in ("ipt", "exp_avg_ipt", "exp_avg_unc"))
-    before = [
-        np.zeros_like(ipt) if s == 1 else ev.tensor(f"step{s - 1}.{q}.{name}") for q in ("exp_avg_ipt", "exp_avg_unc")
-    ]
-    if ipt is None or any(v is None for v in before):
+    prev_avg, prev_unc = (_previous(ev, s, q, name, ipt) for q in ("exp_avg_ipt", "exp_avg_unc"))
+    if ipt is None or prev_avg is None or prev_unc is None:
         return False
     b1, b2 = float(np.float32(c["beta1"])), float(np.float32(c["beta2"]))
-    avg32 = b1 * before[0] + (1 - b1) * ipt
     if first.quantity == "exp_avg_ipt":
-        return ev.agrees(avg, avg32, EXACTLY)
-    return ev.agrees(unc, b2 * before[1] + (1 - b2) * np.abs(ipt - avg), EXACTLY)
+        return ev.agrees(avg, b1 * prev_avg + (1 - b1) * ipt, EXACTLY)
+    return avg is not None and ev.agrees(unc, b2 * prev_unc + (1 - b2) * np.abs(ipt - avg), EXACTLY)
 
 
 @dataclass(frozen=True)
@@ -384,7 +383,6 @@ class Mistake:
     looks_like: Callable[[Evidence], bool]
 
 
-E_AFTER = ("lora_E after update_and_allocate", "non-zero rows of lora_E")
 MISTAKES = (
     Mistake(
         "E initialized to ones", "18.1", ("init",), ("initial lora_E", "std of initial lora_E"), e_initialized_to_ones
