@@ -115,7 +115,7 @@ def test_a_full_conform_opens_no_file_outside_the_cases_folder(copy: Path, capsy
     assert outside == []
     listed = json.loads((copy / MANIFEST).read_text())["files"]
     assert {Path(p).resolve().relative_to(copy.resolve()).as_posix() for p in inside} >= set(listed)
-    assert "59 passed, 0 failed" in capsys.readouterr().out
+    assert f"{len(case_ids(copy))} passed, 0 failed" in capsys.readouterr().out
 
 
 # --- the manifest --------------------------------------------------------------------------------
@@ -415,7 +415,7 @@ def test_read_case_refuses_an_id_that_leaves_the_folder(copy: Path, case_id: str
 def test_the_bundled_cases_meet_every_rule() -> None:
     """The rules refuse nothing peft produced: every bundled case loads and none has a dot-name or link."""
     manifest = read_manifest(CASES)
-    assert len(case_ids(CASES)) == 59 and all(read_case(CASES, i).checks for i in case_ids(CASES))
+    assert len(case_ids(CASES)) >= 59 and all(read_case(CASES, i).checks for i in case_ids(CASES))
     assert not any(part.startswith(".") for rel in manifest["files"] for part in rel.split("/"))
 
 

@@ -76,3 +76,10 @@ def test_seeds_of_section_17() -> None:
     for case_id in IDS:
         actual.setdefault(case_id.split("/")[0], set()).add(read_case(CASES, case_id).provenance["seed"])
     assert stated == actual
+
+
+def test_margin_range_of_section_12() -> None:
+    match = re.search(r"The bundled margins range from `([\d.e-]+)` to `([\d.e-]+)`", section("12"))
+    assert match, "12 no longer states the range of the margins"
+    margins = [m for i in IDS for m in read_case(CASES, i).margins.values()]
+    assert (float(match[1]), float(match[2])) == (float(f"{min(margins):.2g}"), float(f"{max(margins):.2g}"))

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .._backend import dtype_by_name, from_numpy, to_numpy
-from ..allocator import PARTS
+from ..allocator import PARTS, Allocation
 from ..checkpoint import adapter_state_dict, load_adapter
 from ..config import AdaLoraConfig
 from ..conv import BaseConv2d, SVDConv2d
@@ -155,28 +155,47 @@ def run_allocator(case: Case, xp: Any) -> Outputs:
     model.resize_by_rank_pattern({name: [i < r for i in range(config.init_r)] for name, r, _, _ in c["layers"]})
     final_step = config.total_step - config.tfinal
     out: Outputs = {}
-    for step in range(1, c["n_steps"] + 1):
+    for step in _steps(c):
         model.set_triplets({name: get.triplet(f"step{step}.{name}.") for name in model.adapted})
         grads = {
             name: TripletGrads(*(get(f"step{step}.{name}.{part}.grad") for part in PARTS)) for name in model.adapted
         }
         allocation = model.update_and_allocate(step, grads)
         if step < final_step:
-            for name in model.adapted:
-                for part in PARTS:
-                    state = model.allocator.state[name][part]
-                    for quantity in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
-                        out[f"step{step}.{quantity}.{name}.{part}"] = _np(getattr(state, quantity))
+            out.update(_importance(step, model))
         if allocation is not None:
             out[f"step{step}.budget"] = allocation.budget
             out[f"step{step}.masked"] = allocation.masked
             if allocation.masked:
-                out[f"step{step}.threshold"] = np.asarray(allocation.threshold)
+                out.update(_masking(step, allocation))
                 for name in model.adapted:
-                    out[f"step{step}.scores.{name}"] = _np(allocation.scores[name])
                     out[f"step{step}.rank_pattern.{name}"] = allocation.rank_pattern[name]
         for name, layer in model.adapted.items():
             out[f"step{step}.lora_E.{name}"] = _np(layer.triplet.lora_E)
+    return out
+
+
+def _steps(c: dict[str, Any]) -> range:
+    """The steps a case runs: n_steps of them from its `first_step` (1 when the config does not say)."""
+    first = c.get("first_step", 1)
+    return range(first, first + c["n_steps"])
+
+
+def _importance(step: int, model: AdaLoraModel) -> Outputs:
+    """The allocator's importance state after `step`: ipt, exp_avg_ipt, exp_avg_unc of every part."""
+    out: Outputs = {}
+    for name in model.adapted:
+        for part in PARTS:
+            state = model.allocator.state[name][part]
+            for quantity in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+                out[f"step{step}.{quantity}.{name}.{part}"] = _np(getattr(state, quantity))
+    return out
+
+
+def _masking(step: int, allocation: Allocation) -> Outputs:
+    """What a masking step decided from: each layer's triplet scores and the threshold."""
+    out: Outputs = {f"step{step}.threshold": np.asarray(allocation.threshold)}
+    out.update({f"step{step}.scores.{name}": _np(score) for name, score in allocation.scores.items()})
     return out
 
 
@@ -206,11 +225,21 @@ def run_trajectory(case: Case, xp: Any) -> Outputs:
     loss_fn = mse_loss if c["loss"] == "mse" else cross_entropy_loss
     final_step = config.total_step - config.tfinal
     out: Outputs = {}
-    for step in range(1, c["n_steps"] + 1):
-        result = train_step(net, optimizer, get(f"step{step}.x"), get(f"step{step}.target"), step, loss_fn)
+    _keep_parameters_after_optimizer(model, set(c.get("after_optimizer_steps", [])), out)
+    for step in _steps(c):
+        masks = {name: get(key) for name in model.adapted if (key := f"step{step}.dropout_mask.{name}") in case.inputs}
+        x, target = get(f"step{step}.x"), get(f"step{step}.target")
+        result = train_step(net, optimizer, x, target, step, loss_fn, dropout_masks=masks)
         out[f"step{step}.loss"] = np.asarray(result.loss)
-        if step <= final_step and result.allocation is not None:
-            out[f"step{step}.budget"] = result.allocation.budget
+        out[f"step{step}.task_loss"] = np.asarray(result.loss - result.orth_reg)
+        out[f"step{step}.orth_loss"] = np.asarray(result.orth_reg)
+        allocation = result.allocation
+        if step <= final_step and allocation is not None:
+            out[f"step{step}.budget"] = allocation.budget
+        if allocation is not None and allocation.masked:
+            out.update(_masking(step, allocation))
+            if step < final_step:  # the final masking resets the importance
+                out.update(_importance(step, model))
         out[f"step{step}.rank_pattern"] = config.rank_pattern
         for name, layer in model.adapted.items():
             out[f"step{step}.E_nonzero.{name}"] = [bool(v) for v in (_np(layer.triplet.lora_E)[:, 0] != 0)]
@@ -221,6 +250,24 @@ def run_trajectory(case: Case, xp: Any) -> Outputs:
     out.update({f"final_base.{key}": _np(value) for key, value in model.base_params().items()})
     out.update({f"saved.{key}": value for key, value in adapter_state_dict(model).items()})
     return out
+
+
+def _keep_parameters_after_optimizer(model: AdaLoraModel, steps: set[int], out: Outputs) -> None:
+    """At each of `steps`, record every trained parameter as the optimizer step left it: the model
+    as update_and_allocate finds it (`step<s>.after_optimizer.<L>.<P>`, `...<base parameter>`)."""
+    if not steps:
+        return
+    allocate = model.update_and_allocate
+
+    def recording(global_step: int, grads: Any) -> Allocation | None:
+        if global_step in steps:
+            at = f"step{global_step}.after_optimizer"
+            for name, triplet in model.triplets().items():
+                out.update({f"{at}.{name}.{part}": _np(getattr(triplet, part)) for part in PARTS})
+            out.update({f"{at}.{key}": _np(value) for key, value in model.base_params().items()})
+        return allocate(global_step, grads)
+
+    model.update_and_allocate = recording  # type: ignore[method-assign]
 
 
 def run_checkpoint(case: Case, xp: Any) -> Outputs:

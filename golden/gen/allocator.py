@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,10 +23,14 @@ ALLOCATOR_CASES = [
 ]
 
 
+FROM_STEP_0 = ("from_step_0", [("a", 4, 6, 6), ("b", 4, 6, 9)], 2, 0, 2, 12, 2, 14, [])  # steps 0..13, tinit 0
+
+
 def cases() -> Generated:
     for i, spec in enumerate(ALLOCATOR_CASES):
         yield gen_allocator(spec, "float64", 400 + i), {}
     yield gen_allocator(ALLOCATOR_CASES[0], "float32", 410), {}
+    yield gen_allocator(FROM_STEP_0, "float64", 411, first_step=0), {}
 
 
 @contextlib.contextmanager
@@ -45,7 +50,9 @@ def capture_kthvalue(store: list) -> Iterator[None]:
         torch.kthvalue = real
 
 
-def gen_allocator(spec: tuple, dtype: str, seed: int) -> Case:
+def gen_allocator(spec: tuple, dtype: str, seed: int, *, first_step: int = 1) -> Case:
+    """`first_step`: the step of the first update_and_allocate call (a case's config says it when it is
+    not 1); the case runs n_steps steps from there."""
     name, layers, target_r, tinit, tfinal, total_step, delta, n_steps, dead = spec
     hyper = {
         "target_r": target_r,
@@ -57,6 +64,8 @@ def gen_allocator(spec: tuple, dtype: str, seed: int) -> Case:
         "beta2": 0.85,
     }
     config = {**hyper, "init_r": layers[0][1], "layers": [list(layer) for layer in layers], "n_steps": n_steps}
+    if first_step != 1:
+        config["first_step"] = first_step
     c = case(
         "allocator",
         f"{name}_{dtype[-2:]}",
@@ -83,7 +92,7 @@ def gen_allocator(spec: tuple, dtype: str, seed: int) -> Case:
     allocator._set_budget_scheduler(inner)  # count the budget from the layers' actual ranks
     params = {(n, part): t2n(lora(getattr(inner, n), part)).astype(np.float64) for n, *_ in layers for part in PARTS}
     final_step = total_step - tfinal
-    for step in range(1, n_steps + 1):
+    for step in range(first_step, first_step + n_steps):
         for (n, part), value in params.items():
             p = lora(getattr(inner, n), part)
             noise = rng.normal(size=value.shape) * 0.05
@@ -97,35 +106,14 @@ def gen_allocator(spec: tuple, dtype: str, seed: int) -> Case:
         with capture_kthvalue(captured):
             model.base_model.update_and_allocate(step)
         if step < final_step:
-            for n, *_ in layers:
-                for part in PARTS:
-                    key = f"{n}.{part}.default"
-                    for quantity, state in (
-                        ("ipt", allocator.ipt),
-                        ("exp_avg_ipt", allocator.exp_avg_ipt),
-                        ("exp_avg_unc", allocator.exp_avg_unc),
-                    ):
-                        record(
-                            c,
-                            tensor(f"step{step}.{quantity}.{n}.{part}", quantity, step=step, layer=f"{n}.{part}"),
-                            t2n(state[key]),
-                        )
+            record_importance(c, step, allocator, [n for n, *_ in layers])
         if step <= final_step:
             budget, mask_ind = allocator.budget_schedule(step)
             record(c, exact(f"step{step}.budget", "budget", step=step), budget)
             masked = bool(mask_ind) or step == final_step
             record(c, exact(f"step{step}.masked", "masking flag", step=step), masked)
             if masked:  # in the order they are computed: scores, threshold, then the decisions
-                ((scores, _k, threshold),) = captured
-                offset = 0
-                for n, r, _, _ in layers:
-                    record(
-                        c,
-                        tensor(f"step{step}.scores.{n}", "triplet scores", step=step, layer=n),
-                        t2n(scores[offset : offset + r]),
-                    )
-                    offset += r
-                record(c, tensor(f"step{step}.threshold", "threshold", step=step), np.asarray(threshold, dtype=dtype))
+                record_scores(c, step, captured, [(n, r) for n, r, _, _ in layers])
                 pattern = model.peft_config["default"].rank_pattern
                 for n, *_ in layers:
                     record(
@@ -133,7 +121,6 @@ def gen_allocator(spec: tuple, dtype: str, seed: int) -> Case:
                         exact(f"step{step}.rank_pattern.{n}", "rank pattern", step=step, layer=n),
                         pattern[f"{n}.lora_E.default"],
                     )
-                c.margins[f"step {step}"] = decision_margin(t2n(scores).astype(np.float64), threshold)
         for n, *_ in layers:
             record(
                 c,
@@ -144,6 +131,40 @@ def gen_allocator(spec: tuple, dtype: str, seed: int) -> Case:
             (n, part): t2n(lora(getattr(inner, n), part)).astype(np.float64) for n, *_ in layers for part in PARTS
         }
     return c
+
+
+def record_importance(c: Case, step: int, allocator: Any, names: list[str]) -> None:
+    """peft's importance state after `step`'s update: ipt, exp_avg_ipt, exp_avg_unc of every part of
+    every layer, in that order (the allocator kind, and the trajectories that localise)."""
+    for n in names:
+        for part in PARTS:
+            key = f"{n}.{part}.default"
+            for quantity, state in (
+                ("ipt", allocator.ipt),
+                ("exp_avg_ipt", allocator.exp_avg_ipt),
+                ("exp_avg_unc", allocator.exp_avg_unc),
+            ):
+                record(
+                    c,
+                    tensor(f"step{step}.{quantity}.{n}.{part}", quantity, step=step, layer=f"{n}.{part}"),
+                    t2n(state[key]),
+                )
+
+
+def record_scores(c: Case, step: int, captured: list, ranks: list[tuple[str, int]]) -> None:
+    """The triplet scores of each layer (name, r) and the threshold that peft's masking at `step` handed
+    to torch.kthvalue (`captured` by capture_kthvalue), and the margin of its decisions."""
+    ((scores, _k, threshold),) = captured
+    offset = 0
+    for n, r in ranks:
+        record(
+            c,
+            tensor(f"step{step}.scores.{n}", "triplet scores", step=step, layer=n),
+            t2n(scores[offset : offset + r]),
+        )
+        offset += r
+    record(c, tensor(f"step{step}.threshold", "threshold", step=step), np.asarray(threshold, dtype=c.dtype))
+    c.margins[f"step {step}"] = decision_margin(t2n(scores).astype(np.float64), threshold)
 
 
 def decision_margin(scores: np.ndarray, threshold: float) -> float:

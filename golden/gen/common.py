@@ -90,6 +90,7 @@ class Stack(torch.nn.Module):
             loss = torch.nn.functional.mse_loss(x, target)
         else:
             loss = torch.nn.functional.cross_entropy(x, target)
+        self.task_loss = loss.detach().clone()  # peft's AdaLoraModel.forward adds R to `loss` in place
         return SimpleNamespace(loss=loss, logits=x)
 
 

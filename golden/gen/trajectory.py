@@ -1,7 +1,9 @@
 """trajectory: a small network trained with torch's AdamW through warm-up, budgeting, final masking
 and the final phase, the orthogonal term on (docs/SPEC.md 14.7). Per step: the loss, the budget,
 the rank pattern, each layer's surviving rows and ranknum; at the end every parameter and what peft
-saves."""
+saves. A case that localises (`localise=True`) also checks, per step, the task loss and the
+orthogonal term apart; at every masking step the importance state, the scores and the threshold;
+and at the phase boundaries every trained parameter as the optimizer step left it."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from safetensors.numpy import load_file
 
 from adalora_ref.conformance.case import Case
 
+from .allocator import capture_kthvalue, record_importance, record_scores
 from .common import PARTS, TORCH_DTYPES, Generated, Stack, adalora, case, exact, lora, record, t2n, tensor
 
 TRAJECTORY_LAYERS = [("fc1", 8, 16, True), ("fc2", 16, 12, True), ("fc3", 12, 10, True), ("head", 10, 4, False)]
@@ -57,6 +60,38 @@ def cases() -> Generated:
     yield gen_trajectory("two_adapters", "float64", "mse", 505, SHORT, OTHER_ADAPTER), {}
     yield gen_trajectory("cnn", "float64", "mse", 506, SHORT, **CNN), {}
     yield gen_trajectory("cnn_bias_all", "float32", "cross_entropy", 507, {**SHORT, "bias": "all"}, **CNN), {}
+    # the cases that localise (suite 1.1), float64 only: in float32 the importance and the parameters of
+    # a trained network carry errors up to ~6e-5 relative (cancellation in small gradients), too near
+    # float32's 1e-4 tolerance to judge a port by
+    yield gen_trajectory("localised_mlp_mse", "float64", "mse", 508, localise=True), {}
+    from_0 = {**SHORT, "tinit": 0}  # update_and_allocate(0) first; warm-up is step 0 alone
+    yield gen_trajectory("from_step_0", "float64", "mse", 509, from_0, first_step=0, localise=True), {}
+    yield gen_trajectory("orth_zero", "float64", "mse", 510, {**SHORT, "orth_reg_weight": 0.0}, localise=True), {}
+    yield gen_trajectory("dropout", "float64", "mse", 511, {**SHORT, "lora_dropout": 0.25}, localise=True), {}
+    fan = {**SHORT, "fan_in_fan_out": True}  # every layer a transformers Conv1D: weights (in, out)
+    yield gen_trajectory("fan_in_fan_out", "float64", "cross_entropy", 512, fan, localise=True), {}
+
+
+def phase_boundaries(adalora_config: dict, first: int, last: int) -> list[int]:
+    """The first and last step, the last warm-up step and the first budgeting one, the final masking and
+    the first step after it, and total_step: where a phase begins or ends, within [first, last]."""
+    tinit, final = adalora_config["tinit"], adalora_config["total_step"] - adalora_config["tfinal"]
+    steps = {first, tinit, tinit + 1, final, final + 1, adalora_config["total_step"], last}
+    return sorted(s for s in steps if first <= s <= last)
+
+
+class RecordingDropout(torch.nn.Module):
+    """peft's lora_dropout, keeping its mask: torch's dropout of ones (each entry 0 or 1 / (1 - p)) times
+    the input, which is what torch's dropout of the input computes."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+        self.mask: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.nn.functional.dropout(torch.ones_like(x), self.p, self.training)
+        return x * self.mask
 
 
 def gen_trajectory(
@@ -70,10 +105,15 @@ def gen_trajectory(
     layers: list[tuple[str, int, int, bool]] = TRAJECTORY_LAYERS,
     convs: dict[str, dict] | None = None,
     sample_shape: tuple[int, ...] = (8,),
+    first_step: int = 1,
+    localise: bool = False,
 ) -> Case:
-    """`overrides` change the adapter's config (bias modes, modules_to_save, a shorter schedule);
-    `other` adds an inference-mode adapter "other", active together with "default"; `layers`,
-    `convs` and `sample_shape` give another network (a CNN: conv layers, a flatten, linear layers)."""
+    """`overrides` change the adapter's config (bias modes, modules_to_save, a shorter schedule;
+    `fan_in_fan_out` builds every layer as a transformers Conv1D; `lora_dropout` records each step's
+    masks as inputs); `other` adds an inference-mode adapter "other", active together with "default";
+    `layers`, `convs` and `sample_shape` give another network (a CNN: conv layers, a flatten, linear
+    layers). The steps run from `first_step` (said in the config when not 1); `localise` adds the
+    checks that localise a divergence (module docstring)."""
     adalora_config = {
         "init_r": 6,
         "target_r": 3,
@@ -88,6 +128,8 @@ def gen_trajectory(
     }
     lr, batch = 0.02, 16
     n_steps = adalora_config["total_step"] + 6
+    steps = range(first_step, first_step + n_steps)
+    after_optimizer = phase_boundaries(adalora_config, steps[0], steps[-1]) if localise else []
     config = {
         "layers": [list(layer) for layer in layers],
         "conv": convs or {},
@@ -100,6 +142,10 @@ def gen_trajectory(
         "optimizer": "torch.optim.AdamW (defaults but lr)",
         "other_adapter": other,
     }
+    if first_step != 1:
+        config["first_step"] = first_step
+    if after_optimizer:
+        config["after_optimizer_steps"] = after_optimizer
     c = case(
         "trajectory",
         f"{name}_{dtype[-2:]}",
@@ -110,9 +156,16 @@ def gen_trajectory(
     )
     torch.manual_seed(seed)
     torch_dtype = TORCH_DTYPES[dtype]
-    stack = Stack([(n, i, o) for n, i, o, _ in layers], convs=convs).to(torch_dtype)
+    conv1d = adalora_config.get("fan_in_fan_out", False)
+    stack = Stack([(n, i, o) for n, i, o, _ in layers], convs=convs, conv1d=conv1d).to(torch_dtype)
     stack.loss_name = loss
     model = adalora(stack, **adalora_config)
+    dropouts = {}
+    if adalora_config.get("lora_dropout", 0.0) > 0:
+        for n, *_, targeted in layers:
+            if targeted:
+                dropouts[n] = RecordingDropout(adalora_config["lora_dropout"])
+                getattr(model.base_model.model, n).lora_dropout["default"] = dropouts[n]
     if other is not None:
         model.add_adapter("other", peft.AdaLoraConfig(**other))
         model.base_model.set_adapter(["default", "other"])
@@ -136,24 +189,39 @@ def gen_trajectory(
     }
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=lr)
     rng = np.random.default_rng(seed)
+    allocator = model.base_model.rankallocator
     final_step = adalora_config["total_step"] - adalora_config["tfinal"]
-    for step in range(1, n_steps + 1):
+    for step in steps:
         x = rng.normal(size=(batch, *sample_shape)).astype(dtype)
         n_out = layers[-1][2]
         target = rng.normal(size=(batch, n_out)).astype(dtype) if loss == "mse" else rng.integers(0, n_out, size=batch)
         c.inputs[f"step{step}.x"], c.inputs[f"step{step}.target"] = x, target
         out = model.base_model(torch.tensor(x), torch.tensor(target))  # base_model: the orthogonal term is added
+        for n, dropout in dropouts.items():
+            c.inputs[f"step{step}.dropout_mask.{n}"] = t2n(dropout.mask)
         out.loss.backward()
         optimizer.step()
-        model.base_model.update_and_allocate(step)
+        params = {key: t2n(p) for key, p in sorted(trainable.items())} if step in after_optimizer else {}
+        captured: list = []
+        with capture_kthvalue(captured):
+            model.base_model.update_and_allocate(step)
         optimizer.zero_grad()
+        if localise:  # the model's own loss, then what peft's AdaLoraModel.forward added to it
+            task = stack.task_loss
+            record(c, tensor(f"step{step}.task_loss", "task loss", step=step), t2n(task))
+            orth_term = tensor(f"step{step}.orth_loss", "orthogonal term (orth_reg_weight * R)", step=step)
+            record(c, orth_term, t2n(out.loss - task))
         record(c, tensor(f"step{step}.loss", "loss", step=step), t2n(out.loss))
+        if params:
+            record_after_optimizer(c, step, params, targets)
+        budget, mask_ind = allocator.budget_schedule(step)
+        masked = step <= final_step and (bool(mask_ind) or step == final_step)
+        if localise and masked and step < final_step:  # the final masking resets the importance
+            record_importance(c, step, allocator, targets)
         if step <= final_step:
-            record(
-                c,
-                exact(f"step{step}.budget", "budget", step=step),
-                model.base_model.rankallocator.budget_schedule(step)[0],
-            )
+            record(c, exact(f"step{step}.budget", "budget", step=step), budget)
+        if localise and masked:
+            record_scores(c, step, captured, [(n, lora(getattr(inner, n), "lora_E").shape[0]) for n in targets])
         pattern = model.peft_config["default"].rank_pattern
         stripped = None if pattern is None else {k.removesuffix(".default"): v for k, v in pattern.items()}
         record(c, exact(f"step{step}.rank_pattern", "rank pattern", step=step), stripped)
@@ -184,3 +252,17 @@ def gen_trajectory(
         if ".original_module." not in key and ".modules_to_save." not in key:
             record(c, tensor(f"saved.{key}", "saved tensor", layer=key), saved[key])
     return c
+
+
+def record_after_optimizer(c: Case, step: int, params: dict[str, np.ndarray], targets: list[str]) -> None:
+    """Every trained parameter as the optimizer step left it (before update_and_allocate): the
+    adapter's, layer by layer in A, E, B order, then the base parameters in sorted order."""
+    at = f"step{step}.after_optimizer"
+    for n in targets:
+        for part in PARTS:
+            check = tensor(f"{at}.{n}.{part}", f"{part} after the optimizer step", step=step, layer=n)
+            record(c, check, params[f"{n}.{part}.default"])
+    for key in params:
+        if "lora_" not in key:
+            check = tensor(f"{at}.{key}", "base parameter after the optimizer step", step=step, layer=key)
+            record(c, check, params[key])
