@@ -24,11 +24,15 @@ What each quantity is computed from, by case kind (the table below, DEPENDS_ON):
                        lora_E after update_and_allocate <- rank pattern, masking flag
                        (ipt, budget and the masking flag depend on nothing checked: the parameters
                        and gradients of every step are inputs)
-    trajectory         loss <- rank pattern, non-zero rows of lora_E, ranknum (of earlier steps:
-                           the parameters the forward meets)
-                       rank pattern <- loss (its gradients make the scores), budget
-                       non-zero rows of lora_E <- rank pattern, loss
-                       final lora_A / lora_E / lora_B <- loss, rank pattern, non-zero rows, ranknum
+    trajectory         task loss, orthogonal term <- the parameters the forward meets, as earlier
+                           steps left them: rank pattern, non-zero rows of lora_E, ranknum,
+                           lora_A / lora_E / lora_B after the optimizer step
+                       loss <- task loss, orthogonal term (and those parameters)
+                       lora_* after the optimizer step <- loss (its gradients), the parameters
+                       ipt <- loss, the parameters; the EMAs, scores and threshold as in allocator
+                       rank pattern <- threshold, triplet scores, loss, budget
+                       non-zero rows of lora_E <- rank pattern, loss, lora_E after the optimizer step
+                       final lora_A / lora_E / lora_B <- loss and the parameters
                        final base parameter <- loss
                        saved tensor <- final lora_*, final base parameter, rank pattern
                        (budget and ranknum depend on nothing: a schedule and a constant)
@@ -52,7 +56,17 @@ _LAYER = {
     "gradient of lora_E": ("output y", "scaling", "ranknum"),
     "gradient of lora_B": ("output y", "scaling", "ranknum"),
 }
-_FINAL_TRIPLET = ("loss", "rank pattern", "non-zero rows of lora_E", "ranknum")
+ORTH_TERM = "orthogonal term (orth_reg_weight * R)"
+# what a trajectory's forward meets: the parameters as the earlier steps left them
+_PARAMETERS = (
+    "rank pattern",
+    "non-zero rows of lora_E",
+    "ranknum",
+    "lora_A after the optimizer step",
+    "lora_E after the optimizer step",
+    "lora_B after the optimizer step",
+)
+_FINAL_TRIPLET = ("loss", *_PARAMETERS)
 
 DEPENDS_ON: dict[str, dict[str, tuple[str, ...]]] = {
     "layer": {
@@ -81,9 +95,17 @@ DEPENDS_ON: dict[str, dict[str, tuple[str, ...]]] = {
         "lora_E after update_and_allocate": ("rank pattern", "masking flag"),
     },
     "trajectory": {
-        "loss": ("rank pattern", "non-zero rows of lora_E", "ranknum"),
-        "rank pattern": ("loss", "budget"),
-        "non-zero rows of lora_E": ("rank pattern", "loss"),
+        "task loss": _PARAMETERS,
+        ORTH_TERM: _PARAMETERS,
+        "loss": ("task loss", ORTH_TERM, *_PARAMETERS),
+        **{f"lora_{p} after the optimizer step": ("loss", *_PARAMETERS) for p in "AEB"},
+        "ipt": ("loss", *_PARAMETERS),
+        "exp_avg_ipt": ("ipt",),
+        "exp_avg_unc": ("ipt", "exp_avg_ipt"),
+        "triplet scores": ("exp_avg_ipt", "exp_avg_unc"),
+        "threshold": ("triplet scores", "budget"),
+        "rank pattern": ("threshold", "triplet scores", "loss", "budget"),
+        "non-zero rows of lora_E": ("rank pattern", "loss", "lora_E after the optimizer step"),
         "final lora_A": _FINAL_TRIPLET,
         "final lora_E": _FINAL_TRIPLET,
         "final lora_B": _FINAL_TRIPLET,

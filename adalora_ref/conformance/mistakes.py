@@ -26,6 +26,7 @@ from ..allocator import PARTS, budget_schedule
 from ..layer import SVDTriplet
 from ..orth import orthogonal_regularizer
 from .case import Case
+from .diagnosis import ORTH_TERM
 from .reference import run_case
 from .results import CheckFailure, KnownMistake
 
@@ -143,10 +144,11 @@ def _kept_but_pruned(ev: Evidence, step: int, pattern: Mapping[str, list[bool]])
 
 
 def _previous(ev: Evidence, step: int, quantity: str, name: str | None, like: np.ndarray | None) -> np.ndarray | None:
-    """The port's EMA `quantity` of `name` at the step before `step` (zeros before step 1)."""
-    if step == 1:
+    """The port's EMA `quantity` of `name` at the step before `step`: zeros before the case's first step."""
+    key = f"step{step - 1}.{quantity}.{name}"
+    if key not in ev.case.expected and not any(c.step is not None and c.step < step for c in ev.case.checks):
         return None if like is None else np.zeros_like(like)
-    return ev.tensor(f"step{step - 1}.{quantity}.{name}")
+    return ev.tensor(key)
 
 
 def _unzeroed_masking_step(ev: Evidence) -> int | None:
@@ -209,13 +211,18 @@ def orth_over_layers(ev: Evidence) -> bool:
         expected = np.asarray(ev.case.expected["value"], dtype=np.float64)
         positive = float(expected.reshape(-1)[0]) > 0
         return bool(ev.failed("regularizer value")) and positive and ev.agrees(value, 2 * expected)
-    first = ev.failures[0] if ev.failures else None
-    if first is None or first.check.key != "step1.loss":  # a trajectory: the first loss is off by exactly R
+    first = ev.failures[0].check if ev.failures else None
+    steps = [c.step for c in ev.case.checks if c.step is not None]
+    if first is None or first.step != min(steps, default=None):  # a trajectory: off from its first step
+        return False
+    expected = np.asarray(ev.case.expected[first.key], dtype=np.float64)
+    if first.quantity == ORTH_TERM:  # the term itself is checked
+        return ev.agrees(ev.tensor(first.key), 2 * expected)
+    if first.quantity != "loss":
         return False
     triplets = [SVDTriplet(*(ev.case.inputs[f"init.{n}.{part}"] for part in PARTS)) for n in _layers(ev.case)]
     R, _ = orthogonal_regularizer(triplets, ev.case.config["adalora"].get("orth_reg_weight", 0.5))
-    loss = ev.tensor("step1.loss")
-    expected = np.asarray(ev.case.expected["step1.loss"], dtype=np.float64)
+    loss = ev.tensor(first.key)  # the loss is off by exactly R of the initial triplets
     return float(R) > 0 and loss is not None and ev.agrees(loss - expected, np.full(expected.shape, float(R)))
 
 
@@ -258,7 +265,7 @@ def score_as_sum(ev: Evidence) -> bool:
         return False
     f = failing[0]
     s, name = f.check.step, f.check.layer
-    last = max((t for t in range(1, s + 1) if f"step{t}.exp_avg_ipt.{name}.lora_A" in ev.case.expected), default=None)
+    last = max((t for t in range(s + 1) if f"step{t}.exp_avg_ipt.{name}.lora_A" in ev.case.expected), default=None)
     if last is None:
         return False
     parts = {}
@@ -393,7 +400,7 @@ MISTAKES = (
         "orthogonal term averaged over layers instead of matrices",
         "18.4",
         ("orth", "trajectory"),
-        ("regularizer value", "loss"),
+        ("regularizer value", ORTH_TERM, "loss"),
         orth_over_layers,
     ),
     Mistake("importance from E alone", "18.5", ("allocator",), ("ipt",), importance_from_E_alone),
