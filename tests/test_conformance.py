@@ -41,6 +41,7 @@ def test_bundled_cases_cover_every_kind_and_stay_small() -> None:
         "trajectory",
         "checkpoint",
         "config",
+        "targeting",
     }
     assert manifest["provenance"]["peft"] == "0.21.2" and manifest["provenance"]["torch"].startswith("2.13.0")
     assert sum(p.stat().st_size for p in CASES.rglob("*") if p.is_file()) < 20e6

@@ -15,8 +15,8 @@ import numpy as np
 
 from .._backend import dtype_by_name, from_numpy, to_numpy
 from ..allocator import PARTS, Allocation
-from ..checkpoint import adapter_state_dict, load_adapter
-from ..config import AdaLoraConfig
+from ..checkpoint import adapter_state_dict, add_saved_adapter, load_adapter
+from ..config import AdaLoraConfig, is_target
 from ..conv import BaseConv2d, SVDConv2d
 from ..layer import SVDLinear, SVDTriplet, TripletGrads, init_triplet
 from ..mlp import MLP, cross_entropy_loss, mse_loss
@@ -75,7 +75,8 @@ def run_conv_layer(case: Case, xp: Any) -> Outputs:
 
 
 def _layer_outputs(layer: SVDLinear | SVDConv2d, get: _Inputs) -> Outputs:
-    """A layer case's outputs: forward, backward, delta weight, merge and unmerge, in that order."""
+    """A layer case's outputs: forward, backward, delta weight, merge and unmerge, in that order; then
+    the forward with the adapters disabled, a safe merge and the merged forward."""
     y, cache = layer.forward(get("x"), get.get("dropout_mask"))
     grad_x, grads = layer.backward(cache, get("grad_y"))
     out: Outputs = {"scaling": layer.scaling, "ranknum": float(layer.ranknum[0]), "y": _np(y), "grad_x": _np(grad_x)}
@@ -85,6 +86,15 @@ def _layer_outputs(layer: SVDLinear | SVDConv2d, get: _Inputs) -> Outputs:
     out["merged_weight"] = _np(layer.weight)
     layer.unmerge()
     out["unmerged_weight"] = _np(layer.weight)
+    layer.disable_adapters = True  # only the base layer runs
+    out["y_disabled"] = _np(layer.forward(get("x"))[0])
+    layer.disable_adapters = False
+    try:
+        layer.merge(safe_merge=True)
+    except ValueError:  # a non-finite merge is refused, as peft refuses it: no merged outputs then
+        return out
+    out["safe_merged_weight"] = _np(layer.weight)
+    out["y_merged"] = _np(layer.forward(get("x"))[0])  # a merged layer runs its (merged) base layer alone
     return out
 
 
@@ -199,7 +209,8 @@ def _masking(step: int, allocation: Allocation) -> Outputs:
     return out
 
 
-def _mlp_from_case(case: Case, xp: Any, config: AdaLoraConfig) -> MLP:
+def _base_from_case(case: Case, xp: Any) -> dict[str, BaseLinear | BaseConv2d]:
+    """The case's base layers, `base.<L>.weight` and `.bias`: conv layers where its `conv` says."""
     get = _Inputs(case, xp)
     convs = case.config.get("conv", {})
     base: dict[str, BaseLinear | BaseConv2d] = {}
@@ -208,7 +219,11 @@ def _mlp_from_case(case: Case, xp: Any, config: AdaLoraConfig) -> MLP:
         base[name] = (
             BaseConv2d(weight, bias, **_conv_geometry(convs[name])) if name in convs else BaseLinear(weight, bias)
         )
-    return MLP(AdaLoraModel(base, config))
+    return base
+
+
+def _mlp_from_case(case: Case, xp: Any, config: AdaLoraConfig) -> MLP:
+    return MLP(AdaLoraModel(_base_from_case(case, xp), config))
 
 
 def run_trajectory(case: Case, xp: Any) -> Outputs:
@@ -271,15 +286,25 @@ def _keep_parameters_after_optimizer(model: AdaLoraModel, steps: set[int], out: 
 
 
 def run_checkpoint(case: Case, xp: Any) -> Outputs:
-    get = _Inputs(case, xp)
-    base = {
-        name: BaseLinear(get(f"base.{name}.weight"), get.get(f"base.{name}.bias")) for name, *_ in case.config["layers"]
-    }
+    """Load the case's saved adapter onto its base layers, or, with `default_adapter`, beside that
+    adapter under the name `adapter_name` (both active), and run the network."""
+    c, get = case.config, _Inputs(case, xp)
+    base = _base_from_case(case, xp)
     directory = next(iter(case.files.values())).parent
-    model = load_adapter(directory, base)
+    name = c.get("adapter_name", "default")
+    if "default_adapter" in c:
+        model = AdaLoraModel(base, AdaLoraConfig(**c["default_adapter"]))
+        model.set_triplets({n: get.triplet(f"default.{n}.") for n in model.triplets("default")}, "default")
+        add_saved_adapter(model, directory, name)
+        model.set_adapter(["default", name])
+    else:
+        model = load_adapter(directory, base)
     out: Outputs = {"y": _np(MLP(model).forward(get("x"))[0])}
-    for name, layer in model.adapted.items():
-        out[f"r.{name}"], out[f"ranknum.{name}"] = layer.r, float(layer.ranknum[0])
+    for layer_name, layer in model.adapted.items():
+        if name in layer.adapters:
+            adapter = layer.adapters[name]
+            out[f"r.{layer_name}"], out[f"ranknum.{layer_name}"] = adapter.triplet.r, float(adapter.ranknum[0])
+            out[f"scaling.{layer_name}"] = adapter.scaling
     return out
 
 
@@ -297,6 +322,16 @@ def run_config(case: Case, xp: Any) -> Outputs:
     return out
 
 
+def run_targeting(case: Case, xp: Any) -> Outputs:
+    """For each entry, the listed modules its config targets (8.5), sorted."""
+    modules = case.config["modules"]
+    out: Outputs = {}
+    for i, entry in enumerate(case.config["entries"]):
+        config = AdaLoraConfig(**entry["kwargs"])
+        out[f"entry{i}.targeted"] = sorted(name for name in modules if is_target(config, name))
+    return out
+
+
 RUNNERS: dict[str, Callable[[Case, Any], Outputs]] = {
     "layer": run_layer,
     "conv_layer": run_conv_layer,
@@ -307,6 +342,7 @@ RUNNERS: dict[str, Callable[[Case, Any], Outputs]] = {
     "trajectory": run_trajectory,
     "checkpoint": run_checkpoint,
     "config": run_config,
+    "targeting": run_targeting,
 }
 
 

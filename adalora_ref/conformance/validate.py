@@ -30,7 +30,10 @@ import numpy as np
 
 FORMAT = "adalora-ref-golden/1"
 MANIFEST = "MANIFEST.json"
-KINDS = ("layer", "conv_layer", "init", "orth", "schedule", "allocator", "trajectory", "checkpoint", "config")
+KINDS = (
+    *("layer", "conv_layer", "init", "orth", "schedule", "allocator", "trajectory", "checkpoint", "config"),
+    "targeting",
+)
 DTYPES = ("float32", "float64")
 INPUT_DTYPES = ("float32", "float64", "int64")
 MANIFEST_FIELDS = ("format", "provenance", "files")

@@ -1,5 +1,6 @@
 """conv_layer: SVDConv2d's forward, the four gradients, delta weight (a kernel), merge and unmerge
-(docs/SPEC.md 14.2), driven as the layer kind drives SVDLinear."""
+(docs/SPEC.md 14.2), driven as the layer kind drives SVDLinear (its `disable_and_safe_merge` cases
+too)."""
 
 from __future__ import annotations
 
@@ -61,15 +62,28 @@ CONV_LAYER_CASES = [
 FIRST_SEED = 69  # seeds 69.. (after the layer cases' 1..18)
 
 
+OPERATIONS = (
+    "disable_and_safe_merge",
+    {"in_channels": 3, "out_channels": 4, "kernel_size": 2},
+    3,
+    8,
+    True,
+    (2, 3, 5, 4),
+    0.0,
+)
+
+
 def cases() -> Generated:
     seed = FIRST_SEED
     for dtype in ("float64", "float32"):
         for spec in CONV_LAYER_CASES:
             yield gen_conv_layer(dtype, seed, spec), {}
             seed += 1
+    yield gen_conv_layer("float64", 81, OPERATIONS, operations=True), {}
+    yield gen_conv_layer("float32", 82, OPERATIONS, operations=True), {}
 
 
-def gen_conv_layer(dtype: str, seed: int, spec: tuple) -> Case:
+def gen_conv_layer(dtype: str, seed: int, spec: tuple, *, operations: bool = False) -> Case:
     name, conv, r, alpha, bias, input_shape, p = spec
     config = {
         "conv": conv,
@@ -99,5 +113,5 @@ def gen_conv_layer(dtype: str, seed: int, spec: tuple) -> Case:
     with torch.no_grad():
         out_shape = layer.get_base_layer()(x).shape
     grad_y = torch.randn(*out_shape, dtype=TORCH_DTYPES[dtype])
-    driven_layer(c, model, layer, x, grad_y, p, seed, kernel=True)
+    driven_layer(c, model, layer, x, grad_y, p, seed, kernel=True, operations=operations)
     return c

@@ -1,4 +1,6 @@
-"""layer: SVDLinear's forward, the four gradients, delta weight, merge and unmerge (docs/SPEC.md 14.1).
+"""layer: SVDLinear's forward, the four gradients, delta weight, merge and unmerge (docs/SPEC.md 14.1);
+the `disable_and_safe_merge` cases (suite 1.1) then the forward with the adapters disabled, a safe
+merge and the merged layer's forward.
 
 `driven_layer` (inputs in, one forward and backward, every output recorded) serves conv_layer too.
 """
@@ -26,15 +28,20 @@ LAYER_CASES = [
 ]
 
 
+OPERATIONS = ("disable_and_safe_merge", 10, 7, 3, False, True, 8, (4,), 0.0)
+
+
 def cases() -> Generated:
     seed = 0
     for dtype in ("float64", "float32"):
         for spec in LAYER_CASES:
             seed += 1
             yield gen_layer(spec[0], dtype, seed, spec), {}
+    yield gen_layer(OPERATIONS[0], "float64", 19, OPERATIONS, operations=True), {}
+    yield gen_layer(OPERATIONS[0], "float32", 20, OPERATIONS, operations=True), {}
 
 
-def gen_layer(name: str, dtype: str, seed: int, spec: tuple) -> Case:
+def gen_layer(name: str, dtype: str, seed: int, spec: tuple, *, operations: bool = False) -> Case:
     _, n_in, n_out, r, fan, bias, alpha, lead, p = spec
     config = {
         "in_features": n_in,
@@ -64,7 +71,7 @@ def gen_layer(name: str, dtype: str, seed: int, spec: tuple) -> Case:
     layer_inputs(c, layer)
     x = torch.randn(*lead, n_in, dtype=TORCH_DTYPES[dtype], requires_grad=True)
     grad_y = torch.randn(*lead, n_out, dtype=TORCH_DTYPES[dtype])
-    driven_layer(c, model, layer, x, grad_y, p, seed, kernel=False)
+    driven_layer(c, model, layer, x, grad_y, p, seed, kernel=False, operations=operations)
     return c
 
 
@@ -88,9 +95,12 @@ def driven_layer(
     seed: int,
     *,
     kernel: bool,
+    operations: bool = False,
 ) -> None:
     """One forward (with peft's dropout mask when p > 0) and backward of `layer`, then its delta
-    weight, merge and unmerge: every output recorded. `kernel`: the base weight is a conv kernel."""
+    weight, merge and unmerge: every output recorded. `kernel`: the base weight is a conv kernel.
+    `operations`: then the forward with the adapters disabled, `merge(safe_merge=True)` and the
+    merged layer's forward (peft's layer runs only its base layer when disabled or merged)."""
     base = layer.get_base_layer()
     c.inputs["x"], c.inputs["grad_y"] = t2n(x), t2n(grad_y)
     model.train()
@@ -113,3 +123,11 @@ def driven_layer(
     record(c, tensor("merged_weight", f"merged base {word}"), t2n(base.weight))
     layer.unmerge()
     record(c, tensor("unmerged_weight", f"unmerged base {word}"), t2n(base.weight))
+    if operations:
+        with torch.no_grad():
+            layer.enable_adapters(False)
+            record(c, tensor("y_disabled", "output y with the adapters disabled"), t2n(layer(x)))
+            layer.enable_adapters(True)
+            layer.merge(safe_merge=True)
+            record(c, tensor("safe_merged_weight", f"base {word} after merge(safe_merge=True)"), t2n(base.weight))
+            record(c, tensor("y_merged", "output y of the merged layer"), t2n(layer(x)))
