@@ -4,6 +4,7 @@ seeds of section 17, each parsed from SPEC and checked against golden/cases, so 
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -83,3 +84,21 @@ def test_margin_range_of_section_12() -> None:
     assert match, "12 no longer states the range of the margins"
     margins = [m for i in IDS for m in read_case(CASES, i).margins.values()]
     assert (float(match[1]), float(match[2])) == (float(f"{min(margins):.2g}"), float(f"{max(margins):.2g}"))
+
+
+def test_suite_version_of_section_17_is_the_manifests() -> None:
+    match = re.search(r"holds `suite_version`, now `([\d.]+)`", section("17"))
+    assert match, "17 no longer states the suite's version"
+    assert read_manifest(CASES)["provenance"]["suite_version"] == match[1]
+
+
+def test_stability_every_file_of_suite_1_0_is_unchanged() -> None:
+    """SPEC 17's rule, mechanically: the files of suite 1.0 are all there, byte for byte."""
+    frozen = json.loads((Path(__file__).parent / "data" / "golden_suite_1.0.json").read_text())["files"]
+    current = read_manifest(CASES)["files"]
+    changed = sorted(rel for rel, digest in frozen.items() if current.get(rel) != digest)
+    assert changed == []
+    match = re.search(r"Version `1\.0` had (\d+) cases; `[\d.]+` added (\d+)", section("17"))
+    assert match, "17 no longer says what the versions hold"
+    old = {rel.removesuffix(".json") for rel in frozen if rel.endswith(".json") and ".files/" not in rel}
+    assert (len(old), len(old) + int(match[2])) == (int(match[1]), len(IDS))
