@@ -5,7 +5,7 @@ as `layer/linear_bias_f64`. The JSON holds:
 
     format       "adalora-ref-golden/1"
     id, kind     the case's path and what it exercises (layer, conv_layer, init, orth, schedule, allocator,
-                 trajectory, checkpoint, config)
+                 trajectory, checkpoint, config, targeting: validate.KINDS)
     dtype        "float32" or "float64": the dtype every float input and output has
     description  one sentence
     config       the kind's parameters (shapes, hyperparameters, schedule, ...)
