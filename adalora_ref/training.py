@@ -91,8 +91,8 @@ def _refuse_non_finite(global_step: int, loss: Array, grads: NetGrads, batch: Ma
     named = {f"{n}.{p}": getattr(g, p) for n, g in grads.triplets.items() for p in ("lora_A", "lora_E", "lora_B")}
     named.update(grads.base)
     xp = namespace(loss)
-    sums = [xp.reshape(loss, (-1,))] + [xp.reshape(xp.sum(g), (1,)) for g in named.values() if math.prod(g.shape)]
-    if bool(xp.all(xp.isfinite(xp.concat(sums)))):
+    sums = xp.stack([loss, *(xp.sum(g) for g in named.values() if math.prod(g.shape))])
+    if bool(xp.all(xp.isfinite(sums))):
         return
     refused = f"step {global_step} refused, nothing changed"
     for what, value in batch.items():
