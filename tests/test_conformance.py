@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -307,8 +308,21 @@ def test_wrong_port_is_caught_at_the_right_quantity(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    target, attribute, replacement = patch
-    monkeypatch.setattr(target, attribute, replacement)
+    assert_caught_first(mistake, lambda: monkeypatch.setattr(*patch), case_id, named, tmp_path, monkeypatch, capsys)
+
+
+def assert_caught_first(
+    mistake: str,
+    install: Callable[[], object],
+    case_id: str,
+    named: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A wrong port: the reference with `install()`'s patches dumps its outputs for `case_id`;
+    the runner must fail the case, its first divergence starting with `named`."""
+    install()
     dump_port(tmp_path, case_id)
     monkeypatch.undo()
     message = first_divergence(tmp_path, case_id, capsys)

@@ -19,7 +19,7 @@ from adalora_ref.allocator import RankAllocator
 from adalora_ref.conformance import reference
 from adalora_ref.conformance.case import read_case
 
-from .test_conformance import ALL_IDS, CASES, dump_port, first_divergence
+from .test_conformance import ALL_IDS, CASES, assert_caught_first
 
 
 def warm_up_ends_early(step, *, init_bgt, target_bgt, tinit, tfinal, total_step, deltaT):
@@ -138,11 +138,9 @@ def test_wrong_port_is_caught_where_its_mistake_first_shows(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    install_patch(patch, monkeypatch)
-    dump_port(tmp_path, case_id)
-    monkeypatch.undo()
-    message = first_divergence(tmp_path, case_id, capsys)
-    assert message.startswith(named), f"{mistake}: first divergence was {message!r}"
+    assert_caught_first(
+        mistake, lambda: install_patch(patch, monkeypatch), case_id, named, tmp_path, monkeypatch, capsys
+    )
 
 
 @pytest.mark.parametrize("case_id", ["allocator/from_step_0_64", "trajectory/from_step_0_64"])
