@@ -37,7 +37,8 @@ Decisions peft leaves undefined, made here (see docs/SPEC.md):
 - A step number smaller than the previous one: ValueError. A step that is not an int >= 0 (2.0,
   "3", True, -1): TypeError or ValueError naming global_step; step 0 is a valid step.
 - Scores that overflow (finite importances whose product is not finite in the dtype): ValueError at
-  the masking step, naming the layer (peft would prune every row, all scores tying at inf).
+  the masking step, naming the layer (peft would prune every row, all scores tying at inf); the step
+  leaves no trace (update_ipt, `masking_follows`).
 """
 
 from __future__ import annotations
@@ -184,6 +185,7 @@ class RankAllocator:
         self.init_bgt = sum(self.layer_ranks.values())
         self.target_bgt = target_r * len(self.layer_ranks)
         self.state: dict[str, dict[str, ImportanceState]] = {}
+        self.average_bound = 0.0  # >= every element of both averages: each is an average of ipt values
         self.last_step: int | None = None
 
     @classmethod
@@ -202,6 +204,7 @@ class RankAllocator:
     def reset_ipt(self) -> None:
         """Forget all importance (peft does this after the final masking)."""
         self.state = {}
+        self.average_bound = 0.0
 
     def budget_schedule(self, step: int) -> tuple[int, bool]:
         return budget_schedule(
@@ -240,24 +243,32 @@ class RankAllocator:
                 check_shape(f"{name}.{part} grad", g, tuple(p.shape))
                 check_dtype(f"{name}.{part} grad", g, p.dtype)
 
-    def update_ipt(self, params: Mapping[str, SVDTriplet], grads: Mapping[str, TripletGrads]) -> None:
+    def update_ipt(
+        self, params: Mapping[str, SVDTriplet], grads: Mapping[str, TripletGrads], *, masking_follows: bool = False
+    ) -> None:
         """One importance step for every tensor. All-or-nothing: on an error the state is unchanged.
 
         Every sensitivity is computed and checked before any average moves: the averages are
-        convex combinations of finite values, so once every ipt is finite they stay finite.
+        convex combinations of finite values, so once every ipt is finite they stay finite. Their
+        scores can still overflow (products of two averages), and masking then refuses the step;
+        when `masking_follows` and the averages are large enough for that, they move on copies, so
+        that update_and_allocate can put the old ones back. Otherwise they move in place.
         """
         self._check_inputs(params, grads)
         ipts = {
             name: {part: sensitivity(getattr(params[name], part), getattr(grads[name], part)) for part in PARTS}
             for name in self.layer_ranks
         }
-        _refuse_non_finite(ipts, params, grads)
+        bound = max(self.average_bound, _largest_finite(ipts, params, grads))
+        if masking_follows and not _scores_fit(bound, ipts):
+            self.state = _copied(self.state)
         for name, layer_ipts in ipts.items():
             layer_state = self.state.setdefault(name, {})
             for part, ipt in layer_ipts.items():
                 if part not in layer_state:
                     layer_state[part] = ImportanceState.zeros_like(ipt)
                 update_importance(layer_state[part], ipt, self.beta1, self.beta2)
+        self.average_bound = bound
 
     def scores(self) -> dict[str, Array]:
         """layer -> (r,) triplet scores from the current importance state."""
@@ -302,15 +313,44 @@ class RankAllocator:
         global_step = check_step("global_step", global_step)
         if self.last_step is not None and global_step < self.last_step:
             raise ValueError(f"step {global_step} comes after step {self.last_step}: steps must not go backwards")
-        if global_step < self.total_step - self.tfinal:
-            if grads is None:
-                raise ValueError(f"step {global_step} updates the importance: gradients are required")
-            self.update_ipt(params, grads)
-            self.last_step = global_step  # the importance moved: this step happened, whatever follows
         budget, mask_ind = self.budget_schedule(global_step)
-        allocation = self.mask_to_budget(params, budget) if mask_ind or force_mask else Allocation(budget, False)
-        self.last_step = global_step  # a refused step leaves no trace (unless its importance moved)
+        masking = mask_ind or force_mask
+        previous = self.state, self.average_bound
+        try:
+            if global_step < self.total_step - self.tfinal:
+                if grads is None:
+                    raise ValueError(f"step {global_step} updates the importance: gradients are required")
+                self.update_ipt(params, grads, masking_follows=masking)
+            allocation = self.mask_to_budget(params, budget) if masking else Allocation(budget, False)
+        except BaseException:
+            self.state, self.average_bound = previous  # all or nothing: a refused step leaves no trace
+            raise
+        self.last_step = global_step
         return allocation
+
+
+def _scores_fit(bound: float, ipts: Mapping[str, Mapping[str, Array]]) -> bool:
+    """Whether every triplet score is surely finite when no average exceeds `bound`.
+
+    An element score is at most bound**2, a mean of a row or column sums at most `width` of them
+    before dividing, and a triplet score adds three such terms: 3 * width * bound**2 must fit the dtype.
+    """
+    some = next(ipt for layer in ipts.values() for ipt in layer.values())
+    width = max([1, *(max(ipt.shape) for layer in ipts.values() for ipt in layer.values())])
+    return 3.0 * width * bound * bound <= float(namespace(some).finfo(some.dtype).max)
+
+
+def _copied(state: dict[str, dict[str, ImportanceState]]) -> dict[str, dict[str, ImportanceState]]:
+    """The importance state with both averages in new arrays (ipt is never updated in place)."""
+    out: dict[str, dict[str, ImportanceState]] = {}
+    for name, parts in state.items():
+        out[name] = {}
+        for part, s in parts.items():
+            xp = namespace(s.exp_avg_ipt)
+            out[name][part] = ImportanceState(
+                s.ipt, xp.asarray(s.exp_avg_ipt, copy=True), xp.asarray(s.exp_avg_unc, copy=True)
+            )
+    return out
 
 
 def _check_triplet(name: str, triplet: SVDTriplet, r: int) -> None:
@@ -350,12 +390,12 @@ def mask_using_rank_pattern(
     return masked
 
 
-def _refuse_non_finite(
+def _largest_finite(
     ipts: Mapping[str, Mapping[str, Array]],
     params: Mapping[str, SVDTriplet],
     grads: Mapping[str, TripletGrads],
-) -> None:
-    """Raise when any sensitivity is not finite, naming the tensor at fault.
+) -> float:
+    """The largest sensitivity; raise when any is not finite, naming the tensor at fault.
 
     ipt = |p * grad| is finite only when p and grad are and their product does not overflow. The
     common case costs one max per tensor (max propagates NaN) and one transfer to the host; only a
@@ -363,10 +403,11 @@ def _refuse_non_finite(
     """
     nonempty = [ipt for layer in ipts.values() for ipt in layer.values() if math.prod(ipt.shape)]
     if not nonempty:
-        return
+        return 0.0
     xp = namespace(nonempty[0])
-    if bool(xp.all(xp.isfinite(xp.stack([xp.max(ipt) for ipt in nonempty])))):
-        return
+    largest = float(xp.max(xp.stack([xp.max(ipt) for ipt in nonempty])))
+    if math.isfinite(largest):
+        return largest
     for name, layer in ipts.items():
         for part, ipt in layer.items():
             if bool(xp.all(xp.isfinite(ipt))):
