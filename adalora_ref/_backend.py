@@ -5,7 +5,8 @@ uses only the array API standard. This module owns:
 
 - finding the namespace of a set of arrays, and refusing a mix of libraries;
 - the checks every public function shares (shape, dtype, finiteness of arrays; finite real numbers
-  and step numbers among plain values), with errors that name the offending value;
+  and step numbers among plain values), with errors that name the offending value, and `shown`,
+  the repr those errors print a value with;
 - moving arrays to and from NumPy (for random initialisation and for files);
 - looking up a backend by name (`numpy`, `array_api_strict`, `torch`, `cupy`) for the CLI and tests.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import importlib
 import math
 import numbers
+import reprlib
 from typing import Any
 
 import array_api_compat
@@ -142,6 +144,29 @@ def is_finite_real(value: object) -> bool:
         return False
 
 
+class _ShortRepr(reprlib.Repr):
+    """repr() for error messages: long or deep values cut short, an integer too long to print described."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother, self.maxlong = 6, 200, 200, 60
+        self.maxlist = self.maxtuple = self.maxdict = self.maxset = self.maxfrozenset = 20
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 200:
+            return f"<an integer of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+
+_SHORT_REPR = _ShortRepr()
+
+
+def shown(value: object) -> str:
+    """`repr(value)` for an error message, cut short when long or deep; an integer of more than 200 bits
+    is described ("<an integer of 1329 bits>"): Python refuses to print one of more than 4300 digits."""
+    return _SHORT_REPR.repr(value)
+
+
 def check_step(name: str, value: object) -> int:
     """A step number as a plain int: any integral type but bool, from 0 (step 0 is a step) to INT64_MAX.
 
@@ -149,11 +174,11 @@ def check_step(name: str, value: object) -> int:
     negative one or one beyond int64.
     """
     if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer >= 0, got {value!r} of type {type(value).__name__}")
+        raise TypeError(f"{name} must be an integer >= 0, got {shown(value)} of type {type(value).__name__}")
     if value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        raise ValueError(f"{name} must be an integer >= 0, got {shown(value)}")
     if value > INT64_MAX:
-        raise ValueError(f"{name} must be an integer < 2**63 (a port stores it in int64), got {value!r}")
+        raise ValueError(f"{name} must be an integer < 2**63 (a port stores it in int64), got {shown(value)}")
     return int(value)
 
 

@@ -30,14 +30,13 @@ import json
 import numbers
 import os
 import re
-import reprlib
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ._backend import INT64_MAX, is_finite_real
+from ._backend import INT64_MAX, is_finite_real, shown
 from ._files import write_atomically
 from .targets import is_module_to_save as is_module_to_save  # re-exported: target matching lived here
 from .targets import is_target as is_target
@@ -286,13 +285,13 @@ class AdaLoraConfig:
                 continue
             if key == "loftq_config":
                 # peft drops it (LoraConfig.__post_init__) and writes {}; AdaLoRA raises only for 'loftq'.
-                _warn(f"AdaLoraConfig.extra['loftq_config']={value!r} is dropped: {_PEFT_LOFTQ_IGNORED}")
+                _warn(f"AdaLoraConfig.extra['loftq_config']={shown(value)} is dropped: {_PEFT_LOFTQ_IGNORED}")
                 continue
             if key not in PEFT_EXTRA_DEFAULTS:
                 _warn(f"AdaLoraConfig.extra[{key!r}] is not a peft {PEFT_VERSION} field; kept and written back.")
             elif key not in _BOOKKEEPING_FIELDS:
                 _warn(
-                    f"AdaLoraConfig.extra[{key!r}]={value!r} is a LoRA option that AdaLoRA's SVD layers "
+                    f"AdaLoraConfig.extra[{key!r}]={shown(value)} is a LoRA option that AdaLoRA's SVD layers "
                     "ignore; it is ignored by AdaLoRA here, kept and written back."
                 )
             kept[key] = copy.deepcopy(value)
@@ -385,25 +384,8 @@ def _field_names() -> set[str]:
     return {f.name for f in fields(AdaLoraConfig)} - {"extra"}
 
 
-class _ShortRepr(reprlib.Repr):
-    """repr() for error messages: long or deep values cut short, an integer too long to print described."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.maxlevel, self.maxstring, self.maxother, self.maxlong = 6, 200, 200, 60
-        self.maxlist = self.maxtuple = self.maxdict = self.maxset = self.maxfrozenset = 20
-
-    def repr_int(self, x: int, level: int) -> str:
-        if x.bit_length() > 200:
-            return f"<an integer of {x.bit_length()} bits>"
-        return super().repr_int(x, level)
-
-
-_SHOWN = _ShortRepr()
-
-
 def _fail(name: str, requirement: str, value: Any, peft_message: str = "") -> NoReturn:
-    message = f"AdaLoraConfig.{name} must be {requirement}, got {_SHOWN.repr(value)}"
+    message = f"AdaLoraConfig.{name} must be {requirement}, got {shown(value)}"
     raise ValueError(f"{message}. {peft_message}" if peft_message else message)
 
 

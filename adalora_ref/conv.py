@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ._backend import Array, check_dtype, check_shape, device_of, dtype_name_or_raise, namespace
+from ._backend import Array, check_dtype, check_shape, device_of, dtype_name_or_raise, namespace, shown
 from .layer import LoraAdapter, SVDLinear, SVDTriplet, TripletGrads, linear_forward, linear_input_grad
 
 IntPair = int | tuple[int, int]
@@ -44,12 +44,12 @@ Padding = IntPair | str
 def _pair(name: str, value: IntPair, minimum: int) -> tuple[int, int]:
     """(h, w) from an int or a pair of ints, each at least `minimum`; ValueError naming `name` otherwise."""
     if not isinstance(value, int | tuple | list):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        raise ValueError(f"{name} must be an int or a pair of ints, got {shown(value)}")
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        raise ValueError(f"{name} must be an int or a pair of ints, got {shown(value)}")
     if min(pair) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be >= {minimum}, got {shown(value)}")
     return pair  # type: ignore[return-value]
 
 
@@ -72,14 +72,14 @@ class ConvGeometry:
             return cls(kernel, strides, dilations, (0, 0), (0, 0))
         if padding == "same":
             if strides != (1, 1):
-                raise ValueError(f"padding='same' needs stride 1 (as in torch), got stride {stride!r}")
+                raise ValueError(f"padding='same' needs stride 1 (as in torch), got stride {shown(stride)}")
             # torch: the dilated kernel overhangs by d * (k - 1) in all; the smaller half goes before,
             # so an odd total puts the extra row / column at the bottom / right.
             totals = [d * (k - 1) for d, k in zip(dilations, kernel, strict=True)]
             before = (totals[0] // 2, totals[1] // 2)
             return cls(kernel, strides, dilations, before, (totals[0] - before[0], totals[1] - before[1]))
         if isinstance(padding, str):
-            raise ValueError(f"padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
+            raise ValueError(f"padding must be an int, a pair of ints, 'valid' or 'same', got {shown(padding)}")
         pads = _pair("padding", padding, 0)
         return cls(kernel, strides, dilations, pads, pads)
 
@@ -222,7 +222,7 @@ class BaseConv2d:
         (out_channels,) of its dtype, groups other than 1, or a stride / padding / dilation torch refuses."""
         _check_kernel(name, self.weight, self.bias)
         if self.groups != 1:
-            raise ValueError(f"{name}: groups = {self.groups!r} is not supported (only groups = 1)")
+            raise ValueError(f"{name}: groups = {shown(self.groups)} is not supported (only groups = 1)")
         try:
             ConvGeometry.of(tuple(self.weight.shape[2:]), self.stride, self.padding, self.dilation)
         except ValueError as err:

@@ -38,6 +38,7 @@ from ._backend import (
     from_numpy,
     is_finite_real,
     namespace,
+    shown,
 )
 
 RANKNUM_EPS = 1e-5
@@ -210,11 +211,11 @@ class SVDLinear:
         if not isinstance(triplet, SVDTriplet):
             raise TypeError(f"{where}: the triplet must be an SVDTriplet, got {type(triplet).__name__}")
         if not is_finite_real(lora_alpha):
-            raise ValueError(f"{where}.lora_alpha must be a finite number (int or float), got {lora_alpha!r}")
+            raise ValueError(f"{where}.lora_alpha must be a finite number (int or float), got {shown(lora_alpha)}")
         # A plain int or float: a NumPy float64 scalar would promote a float32 layer's outputs to float64.
         lora_alpha = int(lora_alpha) if isinstance(lora_alpha, numbers.Integral) else float(lora_alpha)
         if ranknum is not None and not (is_finite_real(ranknum) and ranknum >= 0):
-            raise ValueError(f"{where}.ranknum must be None or a finite number >= 0, got {ranknum!r}")
+            raise ValueError(f"{where}.ranknum must be None or a finite number >= 0, got {shown(ranknum)}")
         namespace(self.weight, triplet.lora_A, triplet.lora_E, triplet.lora_B)
         if len(triplet.lora_E.shape) != 2:
             raise ValueError(f"{where}.lora_E must be 2-D (r, 1), got shape {tuple(triplet.lora_E.shape)}")
