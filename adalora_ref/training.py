@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ._backend import Array, namespace
-from .allocator import Allocation
+from .allocator import PARTS, Allocation
 from .layer import SVDTriplet, TripletGrads
 from .mlp import MLP, NetGrads
 from .model import AdaLoraModel
@@ -65,9 +65,10 @@ def train_step(
         reg, reg_grads = model.orthogonal_regularizer()
         loss = loss + reg
         grads.triplets = {name: _add_orth(g, *reg_grads[name]) for name, g in grads.triplets.items()}
-    _refuse_non_finite(global_step, loss, grads, {"x": x, "target": target})
+    flat_grads = _flat(grads)  # "<layer>.lora_A", ... and the trainable base parameters' names
+    _refuse_non_finite(global_step, loss, flat_grads, {"x": x, "target": target})
     triplets, base, moments = model.triplets(), model.base_params(), dict(optimizer.state)
-    _optimizer_step(model, grads, optimizer)
+    _optimizer_step(model, flat_grads, optimizer)
     try:
         allocation = model.update_and_allocate(global_step, grads.triplets)
     except BaseException:  # the allocator refused (its own state is untouched): undo the optimizer step
@@ -82,14 +83,20 @@ class NonFiniteStepError(ValueError):
     """A training step refused before the optimizer step: its loss or a gradient is NaN or Inf."""
 
 
-def _refuse_non_finite(global_step: int, loss: Array, grads: NetGrads, batch: Mapping[str, Array]) -> None:
+def _flat(grads: NetGrads) -> dict[str, Array]:
+    """Every gradient of a step by parameter name: `<layer>.lora_A` / `.lora_E` / `.lora_B`, then the
+    trainable base parameters under peft's names."""
+    flat = {f"{n}.{p}": getattr(g, p) for n, g in grads.triplets.items() for p in PARTS}
+    flat.update(grads.base)
+    return flat
+
+
+def _refuse_non_finite(global_step: int, loss: Array, named: Mapping[str, Array], batch: Mapping[str, Array]) -> None:
     """Raise NonFiniteStepError when the loss or any gradient is not finite, naming the culprit.
 
     The common case is one sum per gradient and one transfer to the host (a sum is NaN or Inf when
     any element is); only a failure looks further, at the batch first, then tensor by tensor.
     """
-    named = {f"{n}.{p}": getattr(g, p) for n, g in grads.triplets.items() for p in ("lora_A", "lora_E", "lora_B")}
-    named.update(grads.base)
     xp = namespace(loss)
     sums = xp.stack([loss, *(xp.sum(g) for g in named.values() if math.prod(g.shape))])
     if bool(xp.all(xp.isfinite(sums))):
@@ -109,14 +116,12 @@ def _add_orth(g: TripletGrads, reg_A: Array, reg_B: Array) -> TripletGrads:
     return TripletGrads(g.lora_A + reg_A, g.lora_E, g.lora_B + reg_B)
 
 
-def _optimizer_step(model: AdaLoraModel, grads: NetGrads, optimizer: AdamW) -> None:
+def _optimizer_step(model: AdaLoraModel, flat_grads: Mapping[str, Array], optimizer: AdamW) -> None:
     """AdamW over `<layer>.lora_A` / `.lora_E` / `.lora_B` and the trainable base parameters, written back."""
-    parts = ("lora_A", "lora_E", "lora_B")
     triplets = model.triplets()
-    params = {f"{n}.{p}": getattr(t, p) for n, t in triplets.items() for p in parts}
-    flat_grads = {f"{n}.{p}": getattr(g, p) for n, g in grads.triplets.items() for p in parts}
-    params.update(model.base_params())
-    flat_grads.update(grads.base)
+    params = {f"{n}.{p}": getattr(t, p) for n, t in triplets.items() for p in PARTS}
+    base = model.base_params()
+    params.update(base)
     new = optimizer.step(params, flat_grads)
-    model.set_triplets({n: SVDTriplet(*(new[f"{n}.{p}"] for p in parts)) for n in triplets})
-    model.set_base_params({key: new[key] for key in grads.base})
+    model.set_triplets({n: SVDTriplet(*(new[f"{n}.{p}"] for p in PARTS)) for n in triplets})
+    model.set_base_params({key: new[key] for key in base if key in flat_grads})
