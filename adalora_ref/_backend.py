@@ -30,6 +30,8 @@ Array = Any
 BACKENDS = ("numpy", "array_api_strict", "torch", "cupy")
 INT64_MAX = 2**63 - 1
 """The largest step number or integer setting accepted: what a port stores in an int64."""
+INT64_REQUIREMENT = "an integer < 2**63 (a port stores it in int64)"
+"""What an error says of an integer above INT64_MAX."""
 
 
 def namespace(*arrays: Array | None) -> Any:
@@ -133,15 +135,33 @@ def check_finite(name: str, x: Array) -> None:
         raise ValueError(f"{name} holds {bad} non-finite value(s) (NaN or Inf)")
 
 
+def is_integer(value: object) -> bool:
+    """Whether `value` is an integer of any library (int, np.int64, ...) and not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: object) -> bool:
+    """Whether `value` is a real number of any library (int, float, np.float32, ...) and not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def is_finite_real(value: object) -> bool:
-    """Whether `value` is a real number (an int or float of any library, not a bool) that is finite as
-    a float. False for bool, str, None, NaN, +-inf and an int too large to be a float."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+    """Whether `value` is a real number (see is_real) that is finite as a float. False for bool, str,
+    None, NaN, +-inf and an int too large to be a float."""
+    if not is_real(value):
         return False
     try:
         return math.isfinite(value)
     except OverflowError:  # an int beyond float's range
         return False
+
+
+def plain_real(value: numbers.Real) -> int | float:
+    """A real number as a plain Python int or float (an int stays an int, as JSON keeps it).
+
+    Plain, because a NumPy float64 scalar in the arithmetic would promote a float32 array to float64.
+    """
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 class _ShortRepr(reprlib.Repr):
@@ -173,12 +193,12 @@ def check_step(name: str, value: object) -> int:
     Raises TypeError naming `name` for anything but an integer (2.0, "3", True) and ValueError for a
     negative one or one beyond int64.
     """
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+    if not is_integer(value):
         raise TypeError(f"{name} must be an integer >= 0, got {shown(value)} of type {type(value).__name__}")
     if value < 0:
         raise ValueError(f"{name} must be an integer >= 0, got {shown(value)}")
     if value > INT64_MAX:
-        raise ValueError(f"{name} must be an integer < 2**63 (a port stores it in int64), got {shown(value)}")
+        raise ValueError(f"{name} must be {INT64_REQUIREMENT}, got {shown(value)}")
     return int(value)
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import json
-import numbers
 import os
 import re
 import warnings
@@ -36,7 +35,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ._backend import INT64_MAX, is_finite_real, shown
+from ._backend import INT64_MAX, INT64_REQUIREMENT, is_finite_real, is_integer, is_real, plain_real, shown
 from ._files import write_atomically
 from .targets import is_module_to_save as is_module_to_save  # re-exported: target matching lived here
 from .targets import is_target as is_target
@@ -150,7 +149,7 @@ class AdaLoraConfig:
         """Ranks, steps and the EMA factors: peft's rules and the ones it leaves to a crash later."""
         if self.total_step is None:
             _fail("total_step", "an integer >= 1", None, _PEFT_TOTAL_STEP)
-        if _is_number(self.total_step) and self.total_step <= 0:
+        if is_real(self.total_step) and self.total_step <= 0:
             _fail("total_step", "an integer >= 1", self.total_step, _PEFT_TOTAL_STEP)
         self.total_step = _integer("total_step", self.total_step, minimum=1)
         self.target_r = _integer("target_r", self.target_r, minimum=0)
@@ -393,17 +392,13 @@ def _warn(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=2)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _integer(name: str, value: Any, minimum: int, bound_name: str = "") -> int:
     """An int (any integral type but bool) >= minimum and < 2**63, as a plain int. 12.0 and "12" are refused."""
     bound = f"{bound_name} = {minimum}" if bound_name else str(minimum)
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+    if not is_integer(value) or value < minimum:
         _fail(name, f"an integer >= {bound}", value)
     if value > INT64_MAX:
-        _fail(name, "an integer < 2**63 (a port stores it in int64)", value)
+        _fail(name, INT64_REQUIREMENT, value)
     return int(value)
 
 
@@ -413,7 +408,7 @@ def _real(
     """A finite int or float (not bool) for which `accept` holds; an int stays an int (JSON round trip)."""
     if not is_finite_real(value) or not accept(value):
         _fail(name, requirement, value, peft_message)
-    return int(value) if isinstance(value, numbers.Integral) else float(value)
+    return plain_real(value)
 
 
 def _string_list(name: str, value: Any, requirement: str) -> list[str]:

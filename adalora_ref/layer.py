@@ -22,7 +22,6 @@ The forward never forms the (out, in) delta matrix; only `delta_weight` (for mer
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from dataclasses import dataclass
 
@@ -38,6 +37,7 @@ from ._backend import (
     from_numpy,
     is_finite_real,
     namespace,
+    plain_real,
     shown,
 )
 
@@ -213,7 +213,7 @@ class SVDLinear:
         if not is_finite_real(lora_alpha):
             raise ValueError(f"{where}.lora_alpha must be a finite number (int or float), got {shown(lora_alpha)}")
         # A plain int or float: a NumPy float64 scalar would promote a float32 layer's outputs to float64.
-        lora_alpha = int(lora_alpha) if isinstance(lora_alpha, numbers.Integral) else float(lora_alpha)
+        lora_alpha = plain_real(lora_alpha)
         if ranknum is not None and not (is_finite_real(ranknum) and ranknum >= 0):
             raise ValueError(f"{where}.ranknum must be None or a finite number >= 0, got {shown(ranknum)}")
         namespace(self.weight, triplet.lora_A, triplet.lora_E, triplet.lora_B)
