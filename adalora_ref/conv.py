@@ -43,14 +43,13 @@ Padding = IntPair | str
 
 def _pair(name: str, value: IntPair, minimum: int) -> tuple[int, int]:
     """(h, w) from an int or a pair of ints, each at least `minimum`; ValueError naming `name` otherwise."""
-    if not isinstance(value, int | tuple | list):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {shown(value)}")
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+    pair = (value, value) if isinstance(value, int) else value
+    ints = isinstance(pair, tuple | list) and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+    if not ints or len(pair) != 2:
         raise ValueError(f"{name} must be an int or a pair of ints, got {shown(value)}")
     if min(pair) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {shown(value)}")
-    return pair  # type: ignore[return-value]
+    return pair[0], pair[1]
 
 
 @dataclass(frozen=True)
@@ -208,7 +207,8 @@ def _check_kernel(name: str, weight: Array, bias: Array | None) -> None:
 @dataclass
 class BaseConv2d:
     """A frozen Conv2d (torch.nn.Conv2d's parameters): kernel (out_channels, in_channels, kh, kw), bias
-    (out_channels,) or None, and its geometry. Only zero padding; groups must be 1 where an adapter goes."""
+    (out_channels,) or None, and its geometry. Only zero padding and groups = 1 (`conv2d_forward` and
+    SVDConv2d compute no other case)."""
 
     weight: Array
     bias: Array | None = None
