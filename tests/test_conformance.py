@@ -212,8 +212,8 @@ def ranknum_follows_mask(self, lora_E):
 real_update_ipt = RankAllocator.update_ipt
 
 
-def importance_from_E_alone(self, params, grads):
-    real_update_ipt(self, params, grads)
+def importance_from_E_alone(self, params, grads, **options):
+    real_update_ipt(self, params, grads, **options)
     for layer_state in self.state.values():
         for part in ("lora_A", "lora_B"):
             layer_state[part] = ImportanceState.zeros_like(layer_state[part].ipt)

@@ -18,6 +18,7 @@ from adalora_ref import training as training_module
 from adalora_ref.allocator import RankAllocator
 from adalora_ref.conformance import reference
 from adalora_ref.conformance.case import read_case
+from adalora_ref.layer import SVDLinear
 
 from .test_conformance import ALL_IDS, CASES, assert_caught_first
 
@@ -47,8 +48,8 @@ class ImportanceBeforeTheOptimizer:
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         wrong = self
 
-        def update_ipt(allocator, params, grads):
-            wrong.real_update_ipt(allocator, wrong.before or params, grads)
+        def update_ipt(allocator, params, grads, **options):
+            wrong.real_update_ipt(allocator, wrong.before or params, grads, **options)
 
         monkeypatch.setattr(training_module, "_optimizer_step", self.optimizer_step)
         monkeypatch.setattr(RankAllocator, "update_ipt", update_ipt)
@@ -78,6 +79,14 @@ real_train_step = reference.train_step
 def train_without_dropout(*args, dropout_masks=None, **kwargs):
     """Training that never applies the adapters' dropout masks."""
     return real_train_step(*args, **kwargs)
+
+
+real_merge = SVDLinear.merge
+
+
+def merge_never_refusing(layer, safe_merge=False, adapter_names=None):
+    """merge(safe_merge=True) that writes the merged weight whatever it holds (peft: refuses a non-finite one)."""
+    real_merge(layer, False, adapter_names)
 
 
 def install_patch(patch, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -124,6 +133,18 @@ WRONG_PORTS = [
         (allocator_module, "budget_schedule", warm_up_ends_early),
         "trajectory/from_step_0_64",
         "rank pattern at step 0",
+    ),
+    (
+        "safe merge writes a non-finite weight instead of refusing",
+        (SVDLinear, "merge", merge_never_refusing),
+        "layer/safe_merge_refused_64",
+        "safe merge refused is false, expected true",
+    ),
+    (
+        "safe merge writes a non-finite kernel instead of refusing",
+        (SVDLinear, "merge", merge_never_refusing),  # SVDConv2d merges through its SVDLinear
+        "conv_layer/safe_merge_refused_32",
+        "safe merge refused is false, expected true",
     ),
 ]
 

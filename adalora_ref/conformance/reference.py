@@ -58,7 +58,7 @@ def run_layer(case: Case, xp: Any) -> Outputs:
     layer = SVDLinear(
         get("weight"), get.get("bias"), get.triplet(""), lora_alpha=c["lora_alpha"], fan_in_fan_out=c["fan_in_fan_out"]
     )
-    return _layer_outputs(layer, get)
+    return _layer_outputs(layer, get, c)
 
 
 def _conv_geometry(conv: dict[str, Any]) -> dict[str, Any]:
@@ -71,12 +71,15 @@ def run_conv_layer(case: Case, xp: Any) -> Outputs:
     layer = SVDConv2d(
         get("weight"), get.get("bias"), get.triplet(""), lora_alpha=c["lora_alpha"], **_conv_geometry(c["conv"])
     )
-    return _layer_outputs(layer, get)
+    return _layer_outputs(layer, get, c)
 
 
-def _layer_outputs(layer: SVDLinear | SVDConv2d, get: _Inputs) -> Outputs:
+def _layer_outputs(layer: SVDLinear | SVDConv2d, get: _Inputs, config: dict[str, Any]) -> Outputs:
     """A layer case's outputs: forward, backward, delta weight, merge and unmerge, in that order; then
-    the forward with the adapters disabled, a safe merge and the merged forward."""
+    the forward with the adapters disabled, a safe merge and the merged forward. A `safe_merge_only`
+    case runs only the safe merge, which its overflowing adapter makes peft refuse."""
+    if config.get("safe_merge_only"):
+        return _refused_safe_merge(layer)
     y, cache = layer.forward(get("x"), get.get("dropout_mask"))
     grad_x, grads = layer.backward(cache, get("grad_y"))
     out: Outputs = {"scaling": layer.scaling, "ranknum": float(layer.ranknum[0]), "y": _np(y), "grad_x": _np(grad_x)}
@@ -96,6 +99,19 @@ def _layer_outputs(layer: SVDLinear | SVDConv2d, get: _Inputs) -> Outputs:
     out["safe_merged_weight"] = _np(layer.weight)
     out["y_merged"] = _np(layer.forward(get("x"))[0])  # a merged layer runs its (merged) base layer alone
     return out
+
+
+def _refused_safe_merge(layer: SVDLinear | SVDConv2d) -> Outputs:
+    """merge(safe_merge=True) on the fresh layer: refused (a ValueError) when the merged weight is not
+    finite, the base weight and the merged flag then left as they were."""
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):  # the overflow is the point (NumPy would warn)
+            layer.merge(safe_merge=True)
+    except ValueError:
+        refused = True
+    else:
+        refused = False
+    return {"safe_merge_refused": refused, "merged": layer.merged, "weight_after_refused_merge": _np(layer.weight)}
 
 
 def run_init(case: Case, xp: Any) -> Outputs:

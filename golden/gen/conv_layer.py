@@ -1,6 +1,6 @@
 """conv_layer: SVDConv2d's forward, the four gradients, delta weight (a kernel), merge and unmerge
-(docs/SPEC.md 14.2), driven as the layer kind drives SVDLinear (its `disable_and_safe_merge` cases
-too)."""
+(docs/SPEC.md 14.2), driven as the layer kind drives SVDLinear (its `disable_and_safe_merge` and
+`safe_merge_refused` cases too)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from adalora_ref.conformance.case import Case
 
 from .common import TORCH_DTYPES, Generated, Stack, adalora, case
-from .layer import driven_layer, layer_inputs
+from .layer import driven_layer, layer_inputs, refused_safe_merge
 
 CONV_LAYER_CASES = [
     # name, conv (torch.nn.Conv2d's arguments), r, lora_alpha, bias, input shape, dropout p
@@ -71,6 +71,7 @@ OPERATIONS = (
     (2, 3, 5, 4),
     0.0,
 )
+REFUSED = ("safe_merge_refused", {"in_channels": 3, "out_channels": 4, "kernel_size": 2}, 3, 8, True, (2, 3, 5, 4), 0.0)
 
 
 def cases() -> Generated:
@@ -81,9 +82,11 @@ def cases() -> Generated:
             seed += 1
     yield gen_conv_layer("float64", 81, OPERATIONS, operations=True), {}
     yield gen_conv_layer("float32", 82, OPERATIONS, operations=True), {}
+    yield gen_conv_layer("float64", 83, REFUSED, refused=True), {}
+    yield gen_conv_layer("float32", 84, REFUSED, refused=True), {}
 
 
-def gen_conv_layer(dtype: str, seed: int, spec: tuple, *, operations: bool = False) -> Case:
+def gen_conv_layer(dtype: str, seed: int, spec: tuple, *, operations: bool = False, refused: bool = False) -> Case:
     name, conv, r, alpha, bias, input_shape, p = spec
     config = {
         "conv": conv,
@@ -94,6 +97,10 @@ def gen_conv_layer(dtype: str, seed: int, spec: tuple, *, operations: bool = Fal
         "input_shape": list(input_shape),
     }
     description = f"SVDConv2d forward, backward and merge: {name}"
+    if refused:
+        del config["input_shape"]  # no forward: the case only merges
+        config["safe_merge_only"] = True
+        description = "SVDConv2d merge(safe_merge=True) refused: the delta weight (a kernel) overflows"
     c = case("conv_layer", f"{name}_{dtype[-2:]}", dtype, description, config, seed)
     torch.manual_seed(seed)
     stack = Stack([("conv", 0, 0)], bias=bias, convs={"conv": conv}).to(TORCH_DTYPES[dtype])
@@ -108,6 +115,9 @@ def gen_conv_layer(dtype: str, seed: int, spec: tuple, *, operations: bool = Fal
         init_lora_weights=False,
     )
     layer = model.base_model.model.conv
+    if refused:
+        refused_safe_merge(c, layer, dtype, kernel=True)
+        return c
     layer_inputs(c, layer)
     x = torch.randn(*input_shape, dtype=TORCH_DTYPES[dtype], requires_grad=True)
     with torch.no_grad():

@@ -1,8 +1,10 @@
 """layer: SVDLinear's forward, the four gradients, delta weight, merge and unmerge (docs/SPEC.md 14.1);
 the `disable_and_safe_merge` cases (suite 1.1) then the forward with the adapters disabled, a safe
-merge and the merged layer's forward.
+merge and the merged layer's forward; the `safe_merge_refused` cases (suite 1.1) only a safe merge
+that peft refuses, its adapter scaled until the delta weight overflows.
 
-`driven_layer` (inputs in, one forward and backward, every output recorded) serves conv_layer too.
+`driven_layer` (inputs in, one forward and backward, every output recorded) and `refused_safe_merge`
+serve conv_layer too.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ LAYER_CASES = [
 
 
 OPERATIONS = ("disable_and_safe_merge", 10, 7, 3, False, True, 8, (4,), 0.0)
+REFUSED = ("safe_merge_refused", 10, 7, 3, False, True, 8, (4,), 0.0)
+# lora_A, lora_E and lora_B each scaled by this: B @ (A * E) overflows (~1e45 in float32, ~1e330 in
+# float64) while every input stays finite, so peft's merge(safe_merge=True) refuses the merged weight
+OVERFLOW = {"float64": 1e110, "float32": 1e15}
 
 
 def cases() -> Generated:
@@ -39,9 +45,13 @@ def cases() -> Generated:
             yield gen_layer(spec[0], dtype, seed, spec), {}
     yield gen_layer(OPERATIONS[0], "float64", 19, OPERATIONS, operations=True), {}
     yield gen_layer(OPERATIONS[0], "float32", 20, OPERATIONS, operations=True), {}
+    yield gen_layer(REFUSED[0], "float64", 21, REFUSED, refused=True), {}
+    yield gen_layer(REFUSED[0], "float32", 22, REFUSED, refused=True), {}
 
 
-def gen_layer(name: str, dtype: str, seed: int, spec: tuple, *, operations: bool = False) -> Case:
+def gen_layer(
+    name: str, dtype: str, seed: int, spec: tuple, *, operations: bool = False, refused: bool = False
+) -> Case:
     _, n_in, n_out, r, fan, bias, alpha, lead, p = spec
     config = {
         "in_features": n_in,
@@ -53,7 +63,12 @@ def gen_layer(name: str, dtype: str, seed: int, spec: tuple, *, operations: bool
         "lora_dropout": p,
         "input_shape": [*lead, n_in],
     }
-    c = case("layer", f"{name}_{dtype[-2:]}", dtype, f"SVDLinear forward, backward and merge: {name}", config, seed)
+    description = f"SVDLinear forward, backward and merge: {name}"
+    if refused:
+        del config["input_shape"]  # no forward: the case only merges
+        config["safe_merge_only"] = True
+        description = "SVDLinear merge(safe_merge=True) refused: the delta weight overflows"
+    c = case("layer", f"{name}_{dtype[-2:]}", dtype, description, config, seed)
     torch.manual_seed(seed)
     stack = Stack([("proj", n_in, n_out)], conv1d=fan, bias=bias).to(TORCH_DTYPES[dtype])
     model = adalora(
@@ -68,6 +83,9 @@ def gen_layer(name: str, dtype: str, seed: int, spec: tuple, *, operations: bool
         init_lora_weights=False,
     )
     layer = model.base_model.model.proj
+    if refused:
+        refused_safe_merge(c, layer, dtype, kernel=False)
+        return c
     layer_inputs(c, layer)
     x = torch.randn(*lead, n_in, dtype=TORCH_DTYPES[dtype], requires_grad=True)
     grad_y = torch.randn(*lead, n_out, dtype=TORCH_DTYPES[dtype])
@@ -83,6 +101,26 @@ def layer_inputs(c: Case, layer: torch.nn.Module) -> None:
         c.inputs["bias"] = t2n(base.bias)
     for part in PARTS:
         c.inputs[part] = t2n(lora(layer, part))
+
+
+def refused_safe_merge(c: Case, layer: torch.nn.Module, dtype: str, *, kernel: bool) -> None:
+    """The adapter scaled by OVERFLOW (the case's inputs), then `merge(safe_merge=True)` on the fresh
+    layer: peft refuses it with a ValueError and leaves the base weight and the merged flag alone."""
+    with torch.no_grad():
+        for part in PARTS:
+            lora(layer, part).mul_(OVERFLOW[dtype])
+    layer_inputs(c, layer)
+    base = layer.get_base_layer()
+    try:
+        layer.merge(safe_merge=True)
+    except ValueError:
+        refused = True
+    else:
+        raise RuntimeError(f"{c.id}: peft merged the overflowing adapter; scale it further")
+    word = "kernel" if kernel else "weight"
+    record(c, exact("safe_merge_refused", "safe merge refused"), refused)
+    record(c, exact("merged", "merged flag after the refused safe merge"), layer.merged)
+    record(c, tensor("weight_after_refused_merge", f"base {word} after the refused safe merge"), t2n(base.weight))
 
 
 def driven_layer(
