@@ -154,16 +154,22 @@ def _read_bytes(path: Path, missing: str) -> bytes:
         raise CaseError(f"{path}: cannot read: {err.strerror}") from None
 
 
-def _read_format_json(path: Path, missing: str) -> dict[str, Any]:
-    """A JSON object of this format (a manifest or a case); errors name the file."""
+def read_json(path: Path, missing: str = "missing") -> Any:
+    """The JSON value in the file `path` (a case, a manifest, a port's outputs or port.json); any
+    reason it cannot be read (`missing` when it does not exist) is a CaseError naming the file."""
     try:
-        data = json.loads(_read_bytes(path, missing).decode("utf-8"))
+        return json.loads(_read_bytes(path, missing).decode("utf-8"))
     except UnicodeDecodeError as err:
         raise CaseError(f"{path}: not UTF-8 text: {err}") from None
     except RecursionError:
         raise CaseError(f"{path}: invalid JSON: nested too deeply") from None
     except ValueError as err:  # JSONDecodeError, or an integer with more digits than Python converts
         raise CaseError(f"{path}: invalid JSON: {err}") from None
+
+
+def _read_format_json(path: Path, missing: str) -> dict[str, Any]:
+    """A JSON object of this format (a manifest or a case); errors name the file."""
+    data = read_json(path, missing)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise CaseError(f"{path}: format {found!r}, expected {FORMAT!r}")

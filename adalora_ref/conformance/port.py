@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save as save_safetensors_bytes
 
-from .case import Case, CaseError, read_tensors, write_atomically
+from .._files import write_atomically
+from .case import Case, CaseError, read_json, read_tensors
 
 PORT_JSON = "port.json"
 
@@ -41,22 +42,13 @@ def read_port_outputs(port_dir: Path, case: Case) -> dict[str, Any]:
     if st_path.is_file():
         outputs.update(read_tensors(st_path))
     if json_path.is_file():
-        data = _read_json(json_path)
+        data = read_json(json_path)
         if not isinstance(data, dict) or not isinstance(data.get("values"), dict):
             raise CaseError(f'{json_path}: expected an object {{"values": {{key: value}}}}')
         tensor_keys = {c.key for c in case.checks if c.type == "tensor"}
         for key, value in data["values"].items():
             outputs[key] = json_tensor(value, f"{json_path}: values[{key!r}]") if key in tensor_keys else value
     return outputs
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as err:
-        raise CaseError(f"{path}: cannot read: {err}") from None
-    except json.JSONDecodeError as err:
-        raise CaseError(f"{path}: invalid JSON: {err}") from None
 
 
 def json_tensor(value: Any, where: str) -> np.ndarray:
@@ -102,7 +94,7 @@ def read_unsupported(port_dir: Path) -> dict[str, str]:
     path = port_dir / PORT_JSON
     if not path.exists():
         return {}
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, dict):
         raise CaseError(f'{path}: expected an object {{"unsupported": {{"<case id glob>": "<reason>"}}}}')
     unknown = sorted(set(data) - {"unsupported"})
