@@ -134,9 +134,10 @@ class AdaLoraConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in (*_field_names(), "extra"):
-            if _nests_deeper_than(getattr(self, name), MAX_NESTING):
-                _fail(name, f"nested at most {MAX_NESTING} levels deep (lists and dicts)", getattr(self, name))
+        for f in fields(self):  # in definition order, extra included
+            value = getattr(self, f.name)
+            if _nests_deeper_than(value, MAX_NESTING):
+                _fail(f.name, f"nested at most {MAX_NESTING} levels deep (lists and dicts)", value)
         self._check_schedule()
         self._check_lora_fields()
         self._check_matching_fields()
