@@ -39,7 +39,7 @@ from ._backend import INT64_MAX, INT64_REQUIREMENT, is_finite_real, is_integer, 
 from ._files import write_atomically
 from .targets import is_module_to_save as is_module_to_save  # re-exported: target matching lived here
 from .targets import is_target as is_target
-from .targets import layer_index_regex, module_to_save_regex
+from .targets import layer_index_regex, layers_patterns, module_to_save_regex
 from .targets import matches_module_list_or_regex as matches_module_list_or_regex
 
 PEFT_TYPE = "ADALORA"
@@ -234,7 +234,7 @@ class AdaLoraConfig:
             self.layers_pattern = _string_list(
                 "layers_pattern", self.layers_pattern, "a string, a list of strings or None"
             )
-        for pattern in [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern or []:
+        for pattern in layers_patterns(self.layers_pattern):
             _check_regex("layers_pattern", pattern, layer_index_regex(pattern))
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             _fail(

@@ -3,7 +3,8 @@
 Owns `is_target` (target_modules, exclude_modules, modules_to_save, layers_to_transform,
 layers_pattern, in peft's order), `is_module_to_save` (peft's `_set_trainable` suffix test),
 `matches_module_list_or_regex`, and the regexes peft builds from config entries (config.py compiles
-them when a config is made, so that a bad pattern is refused there rather than here).
+them when a config is made, so that a bad pattern is refused there rather than here; `layers_patterns`
+lists the layers_pattern entries for both).
 
 Does not own the config's fields or their validation (config.py) nor the model's layers (model.py).
 """
@@ -81,6 +82,13 @@ def layer_index_regex(layers_pattern: str) -> str:
     return rf"(?:^|.*?\.){layers_pattern}\.(?P<idx>\d+)\."
 
 
+def layers_patterns(layers_pattern: list[str] | str | None) -> list[str]:
+    """The config's layers_pattern as a list: [] for None, [pattern] for a single string."""
+    if layers_pattern is None:
+        return []
+    return [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
+
+
 def _in_transformed_layer(config: AdaLoraConfig, name: str) -> bool:
     """Whether the layer index in `name` is one of layers_to_transform (True when that is unset or [])."""
     wanted = config.layers_to_transform
@@ -102,9 +110,8 @@ def _layer_index(name: str, layers_pattern: list[str] | str | None) -> int | Non
     if not layers_pattern:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
     else:
-        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
         match = None
-        for pattern in patterns:
+        for pattern in layers_patterns(layers_pattern):
             match = re.match(layer_index_regex(pattern), name)
             if match is not None:
                 break
