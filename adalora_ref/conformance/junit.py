@@ -14,8 +14,8 @@ import re
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 
-from .compare import CaseResult
 from .report import diagnosis_text
+from .results import CaseResult, status_counts
 
 # characters XML 1.0 cannot hold at all (a port's values may contain anything); shown as \xNN instead
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
@@ -26,9 +26,10 @@ def _xml_text(text: str) -> str:
 
 
 def _counts(results: Sequence[CaseResult]) -> dict[str, str]:
+    """The attributes of a `<testsuite(s)>`: a failing case whose run failed is an error, not a failure."""
+    counts = status_counts(results)
     errors = sum(r.unsupported is None and r.error is not None for r in results)
-    skipped = sum(r.unsupported is not None for r in results)
-    failures = sum(r.status == "fail" for r in results) - errors
+    failures, skipped = counts["fail"] - errors, counts["unsupported"]
     return {"tests": str(len(results)), "failures": str(failures), "errors": str(errors), "skipped": str(skipped)}
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TextIO
 
-from .results import CaseResult, QuantityDiagnosis
+from .results import CaseResult, QuantityDiagnosis, status_counts
 
 INDENT = "    "
 
@@ -75,6 +75,6 @@ def print_table(results: list[CaseResult], out: TextIO) -> None:
         out.write(f"{r.case_id:{width}}  {r.n_checks:6d}  {r.max_error:13.3g}  {status}\n")
         for line in diagnosis_text(r).splitlines():
             out.write(f"{INDENT}{line}\n")
-    counts = {status: sum(r.status == status for r in results) for status in ("pass", "fail", "unsupported")}
+    counts = status_counts(results)
     unsupported = f", {counts['unsupported']} unsupported" if counts["unsupported"] else ""
     out.write(f"{counts['pass']} passed, {counts['fail']} failed{unsupported}\n")

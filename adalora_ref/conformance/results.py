@@ -2,12 +2,13 @@
 
 Plain data, written by `compare` (the judge), `diagnosis` (grouping and ordering) and `mistakes`
 (recognisers), read by `report` (the printed table) and the runner (the JSON report). This module
-computes nothing.
+computes nothing but the counts the reports print (`status_counts`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,6 +138,17 @@ class CaseResult:
             "quantities": [q.to_json() for q in self.quantities],
             "known_mistakes": [m.to_json() for m in self.known_mistakes],
         }
+
+
+STATUSES = ("pass", "fail", "unsupported")
+
+
+def status_counts(results: Iterable[CaseResult]) -> dict[str, int]:
+    """How many of `results` have each status: {"pass": n, "fail": n, "unsupported": n}."""
+    counts = dict.fromkeys(STATUSES, 0)
+    for result in results:
+        counts[result.status] += 1
+    return counts
 
 
 def json_number(value: float | None) -> float | str | None:

@@ -32,6 +32,7 @@ from .junit import junit_xml
 from .port import PORT_JSON, read_port_outputs, read_unsupported, unmatched_globs, unsupported_reason
 from .reference import run_case
 from .report import print_table
+from .results import status_counts
 
 
 def select_case_ids(root: Path, kinds: Sequence[str] | None = None, globs: Sequence[str] | None = None) -> list[str]:
@@ -181,15 +182,16 @@ def _run_conform(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     if args.junit_path is not None:
         properties = {"subject": subject, "cases_dir": str(root)}
         write_output(parser, "--junit", args.junit_path, junit_xml(results, seconds, properties))
-    return 0 if all(r.status != "fail" for r in results) else 1
+    return 0 if status_counts(results)["fail"] == 0 else 1
 
 
 def _json_report(results: Sequence[CaseResult], root: Path, subject: str) -> bytes:
+    counts = status_counts(results)
     report = {
         "cases_dir": str(root),
         "subject": subject,
-        "passed": all(r.status != "fail" for r in results),
-        "counts": {status: sum(r.status == status for r in results) for status in ("pass", "fail", "unsupported")},
+        "passed": counts["fail"] == 0,
+        "counts": counts,
         "results": [r.to_json() for r in results],
     }
     return (json.dumps(report, indent=1) + "\n").encode()
