@@ -94,25 +94,27 @@ def run_cases(
 
 def _run_one(case: Case, xp: Any, port: Path | None, unsupported: Mapping[str, str]) -> CaseResult:
     reason = unsupported_reason(case.id, unsupported)
-    if reason is None:
-        return judge_case(case, xp, port)
-    result = CaseResult(case.id, case.kind, case.dtype, n_checks=len(case.checks))
-    result.unsupported = reason
-    return result
+    return judge_case(case, xp, port) if reason is None else _not_judged(case, unsupported=reason)
 
 
 def judge_case(case: Case, xp: Any, port: Path | None) -> CaseResult:
+    """`case` judged on the port's outputs under `port`, else on the reference's on backend `xp`.
+
+    Outputs that cannot be had (none written, an unreadable file, the reference raising) make the
+    case's `error`, reported under it, not a crash of the run.
+    """
     try:
         outputs = read_port_outputs(port, case) if port is not None else run_case(case, xp)
     except (CaseError, FileNotFoundError) as err:
-        result = CaseResult(case.id, case.kind, case.dtype, n_checks=len(case.checks))
-        result.error = str(err)
-        return result
-    except Exception as err:  # the reference raising is a failure of this case, reported, not a crash
-        result = CaseResult(case.id, case.kind, case.dtype, n_checks=len(case.checks))
-        result.error = f"{type(err).__name__}: {err}"
-        return result
+        return _not_judged(case, error=str(err))
+    except Exception as err:
+        return _not_judged(case, error=f"{type(err).__name__}: {err}")
     return compare(case, outputs)
+
+
+def _not_judged(case: Case, *, error: str | None = None, unsupported: str | None = None) -> CaseResult:
+    """The result of a case whose outputs were not compared: its run failed, or the port does not run it."""
+    return CaseResult(case.id, case.kind, case.dtype, n_checks=len(case.checks), error=error, unsupported=unsupported)
 
 
 def register_conform(sub: argparse._SubParsersAction) -> None:
@@ -169,11 +171,11 @@ def _run_conform(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
                 print(f"\r{len(results)} cases run, last {result.case_id:40s}", end="", file=sys.stderr, flush=True)
         if sys.stderr.isatty():
             print(file=sys.stderr)
+        for glob in unmatched_globs(unsupported, case_ids(root)):  # most likely a typo in port.json
+            print(f"adalora-ref conform: warning: {args.port / PORT_JSON}: {glob!r} matches no case", file=sys.stderr)
     except (CaseError, ImportError) as err:
         print(f"adalora-ref conform: {err}", file=sys.stderr)
         return 2
-    for glob in unmatched_globs(unsupported, case_ids(root)):  # most likely a typo in port.json
-        print(f"adalora-ref conform: warning: {args.port / PORT_JSON}: {glob!r} matches no case", file=sys.stderr)
     print_table(results, sys.stdout)
     subject = str(args.port) if args.port else f"adalora_ref ({args.backend})"
     # the paths were checked writable when parsed; a full disk now still ends in one line, exit 2
