@@ -44,10 +44,9 @@ def compare(case: Case, actual: Mapping[str, Any], *, keep: int | None = None) -
     Every failing check is recorded (only the first `keep` when `keep` is given: the counts stay
     whole, the diagnosis then covers the recorded ones).
     """
-    result = CaseResult(case.id, case.kind, case.dtype)
+    result = CaseResult(case.id, case.kind, case.dtype, n_checks=len(case.checks))
     default = DEFAULT_RTOL[case.dtype]
     for check in case.checks:
-        result.n_checks += 1
         rtol = check.rtol if check.rtol is not None else default
         error, failure = judge(check, actual.get(check.key, MISSING), case.expected[check.key], rtol)
         if error is not None:
