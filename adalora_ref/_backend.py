@@ -174,7 +174,7 @@ class _ShortRepr(reprlib.Repr):
 
     def repr_int(self, x: int, level: int) -> str:
         if x.bit_length() > 200:
-            return f"<an integer of {x.bit_length()} bits>"
+            return f"<{'a negative' if x < 0 else 'an'} integer of {x.bit_length()} bits>"
         return super().repr_int(x, level)
 
 

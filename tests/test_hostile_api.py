@@ -261,6 +261,29 @@ def test_a_huge_integer_is_refused_as_not_finite() -> None:
         assert f"AdaLoraConfig.{field} must be" in str(err) and "<an integer of 1329 bits>" in str(err)
 
 
+def test_an_integer_too_long_to_print_is_described_in_the_error() -> None:
+    """repr() refuses an int of more than 4300 digits (ValueError): the layers', the step check's and
+    conv's errors, and the config's warning for an extra field, used to fail in their own f-string
+    with Python's message, naming no field."""
+    huge, described, negative = 10**5000, "<an integer of 16610 bits>", "<a negative integer of 16610 bits>"
+    triplet = init_triplet(np.random.default_rng(0), 2, 3, 4)
+    err = refused(lambda: SVDLinear(np.ones((4, 3)), None, triplet, lora_alpha=huge, name="fc"))
+    assert str(err) == f"fc[default].lora_alpha must be a finite number (int or float), got {described}"
+    err = refused(lambda: SVDLinear(np.ones((4, 3)), None, triplet, lora_alpha=8, ranknum=-huge, name="fc"))
+    assert str(err) == f"fc[default].ranknum must be None or a finite number >= 0, got {negative}"
+    model = linear_model()
+    err = refused(lambda: model.update_and_allocate(huge, ones_grads(model)))
+    assert str(err) == f"global_step must be an integer < 2**63 (a port stores it in int64), got {described}"
+    for geometry, message in (
+        ({"groups": huge}, f"conv: groups = {described} is not supported (only groups = 1)"),
+        ({"stride": (1, -huge)}, f"conv: stride must be >= 1, got (1, {negative})"),
+    ):
+        layers = {"fc": BaseLinear(np.ones((5, 3))), "conv": BaseConv2d(np.ones((4, 3, 2, 2)), **geometry)}
+        assert str(refused(lambda layers=layers: AdaLoraModel(layers, cfg()))) == message
+    with pytest.warns(UserWarning, match=f"AdaLoraConfig.extra\\['use_rslora'\\]={described} is a LoRA option"):
+        cfg(extra={"use_rslora": huge})
+
+
 def test_the_allocator_refuses_inconsistent_triplets() -> None:
     """An A of the wrong row count used to end in NumPy's broadcast error; a 1-D E in IndexError."""
     allocator = RankAllocator({"fc": 2}, target_r=1, tinit=0, tfinal=0, total_step=10)
