@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,12 +251,6 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
         return load_safetensors_bytes(data)
     except (SafetensorError, ValueError) as err:
         raise CaseError(f"{path}: not a readable safetensors file: {err}") from None
-
-
-def iter_cases(root: Path, *, verify: bool = True) -> Iterator[Case]:
-    read_manifest(root, verify=verify)
-    for case_id in case_ids(root):
-        yield read_case(root, case_id)
 
 
 def bundled_cases_dir() -> Path:
