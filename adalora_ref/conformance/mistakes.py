@@ -91,9 +91,8 @@ def _schedule(case: Case) -> dict[str, int] | None:
     return None
 
 
-def _final(case: Case) -> int:
-    s = _schedule(case)
-    assert s is not None
+def _final(s: Mapping[str, int]) -> int:
+    """total_step - tfinal: the last masking step (forced), after which the rank pattern stays."""
     return s["total_step"] - s["tfinal"]
 
 
@@ -102,7 +101,7 @@ def _masking_steps(ev: Evidence) -> list[int]:
     s = _schedule(ev.case)
     if s is None:
         return []
-    final = s["total_step"] - s["tfinal"]
+    final = _final(s)
     return [step for step in range(1, final + 1) if step == final or budget_schedule(step, **s)[1]]
 
 
@@ -112,13 +111,20 @@ def _layers(case: Case) -> list[str]:
     return [layer[0] for layer in case.config.get("layers", [])]
 
 
-def _pattern(ev: Evidence, step: int) -> dict[str, list[bool]] | None:
-    """The port's rank pattern at `step`, layer -> kept flags (the expected one where it wrote none)."""
+def _pattern(ev: Evidence, step: int, *, golden: bool = False) -> dict[str, list[bool]] | None:
+    """The port's rank pattern at `step`, layer -> kept flags (the expected one where it wrote none);
+    with `golden`, the expected one."""
+    value = ev.case.expected.get if golden else ev.value
     if ev.case.kind == "trajectory":
-        stored = ev.value(f"step{step}.rank_pattern")
+        stored = value(f"step{step}.rank_pattern")
         return {k.removesuffix(".lora_E"): v for k, v in stored.items()} if isinstance(stored, Mapping) else None
-    pattern = {name: ev.value(f"step{step}.rank_pattern.{name}") for name in _layers(ev.case)}
+    pattern = {name: value(f"step{step}.rank_pattern.{name}") for name in _layers(ev.case)}
     return pattern if all(isinstance(v, list) for v in pattern.values()) else None
+
+
+def _kept(pattern: Mapping[str, list[bool]]) -> int:
+    """How many rows a rank pattern keeps, over all its layers."""
+    return sum(sum(bool(k) for k in keep) for keep in pattern.values())
 
 
 def _E_nonzero(ev: Evidence, step: int, layer: str) -> list[bool] | None:
@@ -288,12 +294,12 @@ def linear_budget(ev: Evidence) -> bool:
     failing, s = ev.failed("budget"), _schedule(ev.case)
     if not failing or s is None:
         return False
-    span = s["total_step"] - s["tfinal"] - s["tinit"]
+    span = _final(s) - s["tinit"]
     for f in failing:
         budget, step = ev.actual.get(f.check.key), f.check.step
         if not isinstance(budget, int | float) or isinstance(budget, bool) or step is None:
             return False
-        if not s["tinit"] < step <= s["total_step"] - s["tfinal"]:
+        if not s["tinit"] < step <= _final(s):
             return False
         linear = s["init_bgt"] - (s["init_bgt"] - s["target_bgt"]) * (step - s["tinit"]) / span
         if abs(budget - linear) >= 1:
@@ -307,18 +313,11 @@ def keep_top_by_count(ev: Evidence) -> bool:
     if not failing or failing[0].check.step is None:
         return False
     step = failing[0].check.step
-    pattern, budget = _pattern(ev, step), ev.value(f"step{step}.budget")
-    expected_budget = ev.case.expected.get(f"step{step}.budget")
-    expected = (
-        {name: ev.case.expected.get(f"step{step}.rank_pattern.{name}") for name in _layers(ev.case)}
-        if ev.case.kind == "allocator"
-        else ev.case.expected.get(f"step{step}.rank_pattern")
-    )
-    if pattern is None or not isinstance(budget, int) or not isinstance(expected, Mapping):
+    pattern, expected = _pattern(ev, step), _pattern(ev, step, golden=True)
+    budget, expected_budget = ev.value(f"step{step}.budget"), ev.case.expected.get(f"step{step}.budget")
+    if pattern is None or expected is None or not isinstance(budget, int) or not isinstance(expected_budget, int):
         return False
-    kept = sum(sum(bool(k) for k in keep) for keep in pattern.values())
-    expected_kept = sum(sum(bool(k) for k in keep) for keep in expected.values() if isinstance(keep, list))
-    return kept == budget and isinstance(expected_budget, int) and expected_kept < expected_budget
+    return _kept(pattern) == budget and _kept(expected) < expected_budget
 
 
 def e_never_zeroed(ev: Evidence) -> bool:
@@ -328,9 +327,10 @@ def e_never_zeroed(ev: Evidence) -> bool:
 
 def no_final_masking(ev: Evidence) -> bool:
     """E zeroed at every masking step, but past total_step - tfinal rows the stored pattern prunes come back."""
-    if not any(ev.failed(q) for q in E_AFTER) or _unzeroed_masking_step(ev) is not None:
+    s = _schedule(ev.case)
+    if s is None or not any(ev.failed(q) for q in E_AFTER) or _unzeroed_masking_step(ev) is not None:
         return False
-    final = _final(ev.case)
+    final = _final(s)
     pattern = _pattern(ev, final)
     later = sorted({f.check.step for f in ev.failures if f.check.step is not None and f.check.step > final})
     return pattern is not None and any(_kept_but_pruned(ev, step, pattern) for step in later)
