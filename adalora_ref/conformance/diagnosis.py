@@ -44,6 +44,7 @@ A quantity this table does not know (a case of another kind) is listed in order,
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection, Iterable
 
 from .case import Case
@@ -67,6 +68,13 @@ _PARAMETERS = (
     "lora_B after the optimizer step",
 )
 _FINAL_TRIPLET = ("loss", *_PARAMETERS)
+# the importance's averages, the scores and the threshold: the same in an allocator and a trajectory case
+_SCORING = {
+    "exp_avg_ipt": ("ipt",),
+    "exp_avg_unc": ("ipt", "exp_avg_ipt"),
+    "triplet scores": ("exp_avg_ipt", "exp_avg_unc"),
+    "threshold": ("triplet scores", "budget"),
+}
 
 DEPENDS_ON: dict[str, dict[str, tuple[str, ...]]] = {
     "layer": {
@@ -87,10 +95,7 @@ DEPENDS_ON: dict[str, dict[str, tuple[str, ...]]] = {
     },
     "schedule": {"budget": ("initial budget", "target budget")},
     "allocator": {
-        "exp_avg_ipt": ("ipt",),
-        "exp_avg_unc": ("ipt", "exp_avg_ipt"),
-        "triplet scores": ("exp_avg_ipt", "exp_avg_unc"),
-        "threshold": ("triplet scores", "budget"),
+        **_SCORING,
         "rank pattern": ("threshold", "triplet scores", "masking flag"),
         "lora_E after update_and_allocate": ("rank pattern", "masking flag"),
     },
@@ -100,10 +105,7 @@ DEPENDS_ON: dict[str, dict[str, tuple[str, ...]]] = {
         "loss": ("task loss", ORTH_TERM, *_PARAMETERS),
         **{f"lora_{p} after the optimizer step": ("loss", *_PARAMETERS) for p in "AEB"},
         "ipt": ("loss", *_PARAMETERS),
-        "exp_avg_ipt": ("ipt",),
-        "exp_avg_unc": ("ipt", "exp_avg_ipt"),
-        "triplet scores": ("exp_avg_ipt", "exp_avg_unc"),
-        "threshold": ("triplet scores", "budget"),
+        **_SCORING,
         "rank pattern": ("threshold", "triplet scores", "loss", "budget"),
         "non-zero rows of lora_E": ("rank pattern", "loss", "lora_E after the optimizer step"),
         "final lora_A": _FINAL_TRIPLET,
@@ -138,14 +140,12 @@ def group_failures(
     """One group per failing quantity, first divergence first, each marked with the earlier failing
     quantities it is computed from (only those that do not themselves follow from another). Quantities
     in `roots` (those a recognised mistake makes wrong itself) are never marked."""
-    checks_of: dict[str, int] = {}
-    for check in case.checks:
-        checks_of[check.quantity] = checks_of.get(check.quantity, 0) + 1
+    checks_of = Counter(check.quantity for check in case.checks)
     groups: dict[str, QuantityDiagnosis] = {}
     for failure in failures:  # in the case's order, so groups come in the order of their first failure
         q = failure.check.quantity
         if q not in groups:
-            groups[q] = QuantityDiagnosis(q, [], checks_of.get(q, 0))
+            groups[q] = QuantityDiagnosis(q, [], checks_of[q])
         groups[q].failures.append(failure)
     ordered = list(groups.values())
     for i, group in enumerate(ordered):
