@@ -32,15 +32,16 @@ def write_new_file(path: Path, data: bytes) -> None:
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:  # a failed close too (EIO: the data may not have reached the disk)
         path.unlink(missing_ok=True)
         raise
-    os.close(fd)
 
 
 def write_atomically(path: Path, data: bytes) -> None:
