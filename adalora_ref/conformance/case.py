@@ -116,14 +116,17 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def stored_tensor(value: Any) -> np.ndarray:
+    """`value` as a safetensors file holds it: a contiguous array, a scalar as shape (1,)."""
+    array = np.asarray(value)
+    return np.ascontiguousarray(array.reshape(1) if array.ndim == 0 else array)
+
+
 def write_case(root: Path, case: Case, extra_files: Mapping[str, bytes] | None = None) -> list[Path]:
     """Write a case's JSON and safetensors (and extra files) under `root`; returns the paths written."""
     base = root / case.id
     tensors = {f"inputs/{k}": np.ascontiguousarray(v) for k, v in case.inputs.items()}
-    for c in case.checks:
-        if c.type == "tensor":
-            value = np.asarray(case.expected[c.key])
-            tensors[f"outputs/{c.key}"] = np.ascontiguousarray(value.reshape(1) if value.ndim == 0 else value)
+    tensors.update({f"outputs/{c.key}": stored_tensor(case.expected[c.key]) for c in case.checks if c.type == "tensor"})
     written = []
     extra = dict(extra_files or {})
     case.files = {name: base.parent / f"{base.name}.files" / name for name in extra}

@@ -25,7 +25,7 @@ import numpy as np
 from safetensors.numpy import save as save_safetensors_bytes
 
 from .._files import write_atomically
-from .case import Case, CaseError, read_json, read_tensors
+from .case import Case, CaseError, read_json, read_tensors, stored_tensor
 
 PORT_JSON = "port.json"
 
@@ -125,11 +125,7 @@ def unmatched_globs(declared: Mapping[str, str], ids: Iterable[str]) -> list[str
 def write_port_outputs(port_dir: Path, case: Case, outputs: dict[str, Any]) -> None:
     """Write the outputs the case checks, in the port format (used by tests; an example for port authors)."""
     tensor_keys = {c.key for c in case.checks if c.type == "tensor"}
-    tensors = {}
-    for k, v in outputs.items():
-        if k in tensor_keys:
-            array = np.asarray(v)
-            tensors[k] = np.ascontiguousarray(array.reshape(1) if array.ndim == 0 else array)
+    tensors = {k: stored_tensor(v) for k, v in outputs.items() if k in tensor_keys}
     exact_keys = {c.key for c in case.checks if c.type == "exact"}
     values = {k: v for k, v in outputs.items() if k in exact_keys}
     base = port_dir / case.id
