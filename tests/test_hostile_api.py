@@ -107,7 +107,7 @@ def test_bad_lora_alpha_is_refused_by_the_config_and_both_layers(alpha: Any) -> 
     assert "AdaLoraConfig.lora_alpha must be a finite number" in str(refused(lambda: cfg(lora_alpha=alpha)))
     triplet = init_triplet(np.random.default_rng(0), 2, 3, 4)
     err = refused(lambda: SVDLinear(np.ones((4, 3)), None, triplet, lora_alpha=alpha, name="fc"))
-    assert f"fc[default].lora_alpha must be a finite number (int or float), got {alpha!r}"[:60] in str(err)
+    assert str(err).startswith("fc[default].lora_alpha must be a finite number (int or float), got ")
     conv_triplet = init_triplet(np.random.default_rng(0), 2, 3 * 2 * 2, 4)
     err = refused(lambda: SVDConv2d(np.ones((4, 3, 2, 2)), None, conv_triplet, lora_alpha=alpha, name="conv"))
     assert "conv[default].lora_alpha must be a finite number" in str(err)
