@@ -1,6 +1,7 @@
 """The conformance suite: golden cases from peft, the reference's answers, and the judge.
 
-case       the on-disk format of golden cases (JSON + safetensors + MANIFEST.json)
+case       the on-disk format of golden cases (JSON + safetensors + MANIFEST.json): reading, writing
+validate   the rules a cases folder, its manifest and each case must meet before anything is trusted
 reference  what adalora_ref answers for each case kind
 compare    judging outputs check by check, every failing check recorded
 diagnosis  the failing checks grouped by quantity, in computation order, consequences marked

@@ -79,6 +79,8 @@ class Check:
 
 @dataclass
 class Case:
+    """One golden case as read: its checks in judging order and the expected value of each."""
+
     id: str
     kind: str
     dtype: str
@@ -92,6 +94,7 @@ class Case:
     files: dict[str, Path] = field(default_factory=dict)  # name -> path of the case's extra files
 
     def to_json(self) -> dict[str, Any]:
+        """The case's `<id>.json` (the tensors go to `<id>.safetensors`, see `write_case`)."""
         return {
             "format": FORMAT,
             "id": self.id,
@@ -113,6 +116,7 @@ def _check_json(c: Check) -> dict[str, Any]:
 
 
 def sha256_of(path: Path) -> str:
+    """The lowercase hex SHA-256 of a file's bytes, as MANIFEST.json lists it."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -147,6 +151,7 @@ def write_manifest(root: Path, provenance: Mapping[str, Any]) -> None:
 
 
 def _read_bytes(path: Path, missing: str) -> bytes:
+    """A regular file's bytes, else a CaseError naming it (saying `missing` when it does not exist)."""
     try:
         if path.exists() and not path.is_file():  # a folder, or a FIFO or device (reading one could hang)
             raise CaseError(f"{path}: not a regular file")
@@ -249,6 +254,7 @@ def _float_or_none(value: float | None) -> float | None:
 
 
 def read_tensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file (a case's, or a port's outputs), by name; errors name the file."""
     data = _read_bytes(path, "missing")
     try:
         return load_safetensors_bytes(data)

@@ -65,6 +65,7 @@ def _same_cases(source: Path, dest: Path) -> bool:
 
 
 def register_cases(sub: argparse._SubParsersAction) -> None:
+    """Add `cases list` and `cases export` to the `adalora-ref` command line."""
     parser = sub.add_parser("cases", help="list the golden cases, or export them to a folder for a port")
     actions = parser.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list", help="the case ids, with kind, dtype and number of checks")

@@ -45,6 +45,7 @@ class Evidence:
     failures: list[CheckFailure]
 
     def failed(self, quantity: str) -> list[CheckFailure]:
+        """The failing checks of `quantity`, in the case's order."""
         return [f for f in self.failures if f.check.quantity == quantity]
 
     def tensor(self, key: str) -> np.ndarray | None:
@@ -106,6 +107,7 @@ def _masking_steps(ev: Evidence) -> list[int]:
 
 
 def _layers(case: Case) -> list[str]:
+    """The adapted layers of a case, in its config's order (a trajectory's untargeted layers left out)."""
     if case.kind == "trajectory":
         return [layer[0] for layer in case.config["layers"] if layer[3]]
     return [layer[0] for layer in case.config.get("layers", [])]
@@ -180,6 +182,7 @@ def e_initialized_to_ones(ev: Evidence) -> bool:
 
 
 def scaling_alpha_over_r(ev: Evidence) -> bool:
+    """scaling = lora_alpha / r, the LoRA convention, where peft takes lora_alpha (float(r) when it is 0)."""
     c = ev.case.config
     scaling = ev.actual.get("scaling")
     if not ev.failed("scaling") or not isinstance(scaling, int | float) or c["r"] <= 0:

@@ -31,6 +31,8 @@ PORT_JSON = "port.json"
 
 
 def read_port_outputs(port_dir: Path, case: Case) -> dict[str, Any]:
+    """What the port wrote for `case` under `port_dir`, key -> value: tensors (from either file) as
+    arrays, exact values as the JSON holds them. No file at all is a CaseError that says so."""
     base = port_dir / case.id
     json_path, st_path = base.with_suffix(".json"), base.with_suffix(".safetensors")
     if not json_path.is_file() and not st_path.is_file():

@@ -68,6 +68,7 @@ def _summary(q: QuantityDiagnosis) -> str:
 
 
 def print_table(results: list[CaseResult], out: TextIO) -> None:
+    """One row per case (checks, largest error, result), its diagnosis indented under it, then the counts."""
     width = max([len(r.case_id) for r in results] + [4])
     out.write(f"{'case':{width}}  {'checks':>6}  {'largest error':>13}  result\n")
     for r in results:

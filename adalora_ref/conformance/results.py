@@ -93,6 +93,8 @@ class KnownMistake:
 
 @dataclass
 class CaseResult:
+    """The judgement of one case: counts, every failing check, their diagnosis, or why it was not judged."""
+
     case_id: str
     kind: str
     dtype: str

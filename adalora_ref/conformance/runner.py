@@ -27,12 +27,12 @@ from typing import Any
 from .._backend import BACKENDS, get_backend
 from ..cli_args import writable_file, write_output
 from .case import KINDS, Case, CaseError, bundled_cases_dir, case_ids, read_case, read_manifest
-from .compare import CaseResult, compare
+from .compare import compare
 from .junit import junit_xml
 from .port import PORT_JSON, read_port_outputs, read_unsupported, unmatched_globs, unsupported_reason
 from .reference import run_case
 from .report import print_table
-from .results import status_counts
+from .results import CaseResult, status_counts
 
 
 def select_case_ids(root: Path, kinds: Sequence[str] | None = None, globs: Sequence[str] | None = None) -> list[str]:
@@ -93,6 +93,7 @@ def run_cases(
 
 
 def _run_one(case: Case, xp: Any, port: Path | None, unsupported: Mapping[str, str]) -> CaseResult:
+    """`case` judged, unless port.json declares it unsupported."""
     reason = unsupported_reason(case.id, unsupported)
     return judge_case(case, xp, port) if reason is None else _not_judged(case, unsupported=reason)
 
@@ -118,6 +119,7 @@ def _not_judged(case: Case, *, error: str | None = None, unsupported: str | None
 
 
 def register_conform(sub: argparse._SubParsersAction) -> None:
+    """Add `conform` and its options to the `adalora-ref` command line."""
     parser = sub.add_parser("conform", help="check the reference, or a port's outputs, against the golden cases")
     parser.add_argument(
         "--cases", type=Path, default=None, metavar="DIR", help="a directory of cases (default: the bundled ones)"
@@ -152,6 +154,7 @@ def register_conform(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_conform(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`adalora-ref conform`: run the selection, print the table, write the reports; the exit status."""
     results: list[CaseResult] = []
     seconds: dict[str, float] = {}
     try:
@@ -188,6 +191,7 @@ def _run_conform(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 
 
 def _json_report(results: Sequence[CaseResult], root: Path, subject: str) -> bytes:
+    """The `--json` report (docs/SPEC.md section 16): the counts and every result."""
     counts = status_counts(results)
     report = {
         "cases_dir": str(root),

@@ -82,6 +82,7 @@ def inside(root: Path, rel: object, where: str) -> Path:
 
 
 def require_directory(root: Path) -> None:
+    """Refuse a cases folder that is not a directory (a link to one is fine)."""
     if not root.is_dir():
         raise CaseError(f"{root}: is not a directory (a cases folder is a directory with a {MANIFEST})")
 
