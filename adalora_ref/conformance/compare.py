@@ -29,7 +29,7 @@ from .diagnosis import group_failures
 from .mistakes import caused_by, recognise
 from .results import CaseResult, CheckFailure
 
-__all__ = ["DEFAULT_RTOL", "MISSING", "CaseResult", "CheckFailure", "compare", "judge", "tensor_error"]
+__all__ = ["DEFAULT_RTOL", "MISSING", "compare", "differences", "judge", "tensor_error"]
 
 DEFAULT_RTOL = {"float64": 1e-10, "float32": 1e-4}
 MISSING = object()  # an output key the outputs do not have (None is a legitimate JSON value)
