@@ -184,24 +184,23 @@ def _read_format_json(path: Path, missing: str) -> dict[str, Any]:
     return data
 
 
-def read_manifest(root: Path, *, verify: bool = True) -> dict[str, Any]:
-    """The manifest of a case directory, its shape and paths checked; with `verify`, the files under
-    `root` must be exactly those listed (no links, nothing extra, nothing missing), each with its sha256."""
+def read_manifest(root: Path) -> dict[str, Any]:
+    """The manifest of a case directory, its shape and paths checked, and the files under `root`
+    exactly those it lists (no links, nothing extra, nothing missing), each with its sha256."""
     require_directory(root)
     path = inside(root, MANIFEST, str(root))  # a link is refused before it is read
     manifest = _read_format_json(path, f"missing (a case directory needs a {MANIFEST} listing every file)")
     listed = manifest_files(manifest, path)
-    if verify:
-        present = set(regular_files(root)) - {MANIFEST}
-        missing = sorted(set(listed) - present)
-        if missing:
-            raise CaseError(f"{root / missing[0]}: listed in {MANIFEST} but missing")
-        unlisted = sorted(present - set(listed))
-        if unlisted:
-            raise CaseError(f"{root / unlisted[0]}: not listed in {MANIFEST} (add it by regenerating the manifest)")
-        for rel, digest in sorted(listed.items()):
-            if sha256_of(root / rel) != digest:  # the walk above found no link, the entry has no '..'
-                raise CaseError(f"{root / rel}: changed or truncated (sha256 differs from {MANIFEST})")
+    present = set(regular_files(root)) - {MANIFEST}
+    missing = sorted(set(listed) - present)
+    if missing:
+        raise CaseError(f"{root / missing[0]}: listed in {MANIFEST} but missing")
+    unlisted = sorted(present - set(listed))
+    if unlisted:
+        raise CaseError(f"{root / unlisted[0]}: not listed in {MANIFEST} (add it by regenerating the manifest)")
+    for rel, digest in sorted(listed.items()):
+        if sha256_of(root / rel) != digest:  # the walk above found no link, the entry has no '..'
+            raise CaseError(f"{root / rel}: changed or truncated (sha256 differs from {MANIFEST})")
     return manifest
 
 
