@@ -95,15 +95,15 @@ def tensor_error(actual: Any, expected: Any) -> tuple[float, tuple[int, ...] | N
 
 
 def _judge_tensor(check: Check, a: np.ndarray, e: np.ndarray, rtol: float) -> tuple[float | None, CheckFailure | None]:
-    where = check.where()
     if a.size == 1 and e.size == 1:  # a scalar: stored with shape (1,), a port may write shape ()
         a, e = a.reshape(1), e.reshape(1)
     if a.shape != e.shape:
-        return None, CheckFailure(check, f"{where} has shape {tuple(a.shape)}, expected {tuple(e.shape)}")
+        return None, CheckFailure(check, f"{check.where()} has shape {tuple(a.shape)}, expected {tuple(e.shape)}")
     err, index = tensor_error(a, e)
     if err <= rtol:
         return err, None
     assert index is not None  # an empty tensor has error 0
+    where = check.where()
     at = f"index {index}" if e.size > 1 else None
     place = f"at {at}: " if at else ""
     got, want = float(a[index]), float(e[index])
@@ -122,17 +122,17 @@ def _judge_tensor(check: Check, a: np.ndarray, e: np.ndarray, rtol: float) -> tu
 
 
 def _judge_exact(check: Check, actual: Any, expected: Any) -> CheckFailure | None:
-    where = check.where()
     if isinstance(actual, np.ndarray):
         return CheckFailure(
             check,
-            f"{where} was written as a tensor of shape {tuple(actual.shape)}; an exact check is a JSON value "
+            f"{check.where()} was written as a tensor of shape {tuple(actual.shape)}; an exact check is a JSON value "
             f"in the case's .json file (SPEC section 15), expected {_show(expected)}",
         )
     real = check.quantity in REAL_NUMBER_QUANTITIES
     diffs = differences(_normalize(actual), expected, real_numbers=real)
     if not diffs:
         return None
+    where = check.where()
     if len(diffs) == 1 and diffs[0][0] == "":  # the value as a whole
         _, a, e = diffs[0]
         return CheckFailure(check, f"{where} is {_versus(a, e, real)}")
