@@ -57,15 +57,6 @@ class QuantityDiagnosis:
         errors = [f.error for f in self.failures if f.error is not None]
         return max(errors) if errors else None
 
-    @property
-    def steps(self) -> list[int]:
-        return sorted({f.check.step for f in self.failures if f.check.step is not None})
-
-    @property
-    def layers(self) -> list[str]:
-        """The failing layers, in the order they first fail."""
-        return list(dict.fromkeys(f.check.layer for f in self.failures if f.check.layer is not None))
-
     def to_json(self) -> dict[str, Any]:
         first = self.first.check
         return {
