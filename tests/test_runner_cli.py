@@ -317,7 +317,8 @@ def test_a_full_disk_when_the_report_is_written_is_one_line_and_leaves_the_old_r
     assert exit_info.value.code == 2
     captured = capsys.readouterr()
     assert captured.out.strip().endswith(f"{len(ORTH)} passed, 0 failed")  # the table came first
-    assert captured.err == f"adalora-ref: error: --json: cannot write {report}: [Errno 28] No space left on device\n"
+    expected = f"adalora-ref conform: error: --json: cannot write {report}: [Errno 28] No space left on device\n"
+    assert captured.err == expected
     assert report.read_text() == "the previous report\n" and os.listdir(tmp_path) == ["report.json"]
 
 
@@ -419,3 +420,20 @@ def test_cases_export_into_an_empty_folder_moves_the_manifest_last(
     capsys.readouterr()
     code, _, err = conform(capsys, "--cases", str(dest))
     assert code == 2 and "MANIFEST.json" in err
+
+
+def test_an_unavailable_backend_is_one_line_before_any_case(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As train, demo and bench: the option named, how to install it, exit 2, and no case run."""
+    import sys
+
+    from adalora_ref.conformance import runner
+
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setattr(runner, "run_case", lambda *a: pytest.fail("a case ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["conform", "--backend", "torch"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("adalora-ref conform: error: --backend torch cannot run here:") and "pip install" in err

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .._backend import BACKENDS, get_backend
-from ..cli_args import writable_file, write_output
+from ..cli_args import load_backend, writable_file, write_output
 from .case import KINDS, Case, CaseError, bundled_cases_dir, case_ids, read_case, read_manifest
 from .compare import compare
 from .junit import junit_xml
@@ -150,7 +150,7 @@ def register_conform(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="also write a JUnit XML report",
     )
-    parser.set_defaults(func=_run_conform)
+    parser.set_defaults(func=lambda args, _top: _run_conform(args, parser))  # errors name `conform`
 
 
 def _run_conform(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -161,6 +161,8 @@ def _run_conform(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         root = args.cases if args.cases is not None else bundled_cases_dir()
         if args.port is not None and not args.port.is_dir():
             parser.error(f"--port {args.port}: not a directory")
+        if args.port is None:  # the reference runs: its backend must load (one line and exit 2, as every command)
+            load_backend(parser, args.backend)
         unsupported = read_unsupported(args.port) if args.port is not None else {}
         selected = run_cases(
             root, port=args.port, backend=args.backend, kinds=args.kind, globs=args.globs, unsupported=unsupported
