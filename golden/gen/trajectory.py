@@ -48,6 +48,8 @@ OTHER_ADAPTER = {  # an inference-mode adapter "other", active together with "de
     "init_lora_weights": False,
 }
 CNN = {"layers": CNN_LAYERS, "convs": CNN_CONVS, "sample_shape": CNN_INPUT}
+# conv2 frozen between two adapted layers: its forward and its input gradient (down to conv1) run
+FROZEN_CONV = {**CNN, "layers": [("conv1", 3, 4, True), ("conv2", 4, 6, False), ("fc1", 48, 10, True), CNN_LAYERS[3]]}
 
 
 def cases() -> Generated:
@@ -70,6 +72,7 @@ def cases() -> Generated:
     yield gen_trajectory("dropout", "float64", "mse", 511, {**SHORT, "lora_dropout": 0.25}, localise=True), {}
     fan = {**SHORT, "fan_in_fan_out": True}  # every layer a transformers Conv1D: weights (in, out)
     yield gen_trajectory("fan_in_fan_out", "float64", "cross_entropy", 512, fan, localise=True), {}
+    yield gen_trajectory("cnn_frozen_conv", "float64", "mse", 513, SHORT, **FROZEN_CONV), {}
 
 
 def phase_boundaries(adalora_config: dict, first: int, last: int) -> list[int]:
