@@ -71,6 +71,38 @@ OPERATIONS = (
     (2, 3, 5, 4),
     0.0,
 )
+MORE_CONV_LAYER_CASES = [  # suite 1.1, from the mutation run's blind spots (mutation/survivors.toml); seeds 85..90
+    # 'same' with totals (1, 0): only H padded, by 0 before and 1 after
+    (
+        "same_padding_2x1",
+        {"in_channels": 2, "out_channels": 3, "kernel_size": (2, 1), "padding": "same"},
+        2,
+        8,
+        True,
+        (2, 2, 4, 5),
+        0.0,
+    ),
+    # 'same' with totals (0, 2): only W padded, 1 on each side
+    (
+        "same_padding_1x3",
+        {"in_channels": 2, "out_channels": 3, "kernel_size": (1, 3), "padding": "same"},
+        2,
+        8,
+        False,
+        (2, 2, 4, 5),
+        0.0,
+    ),
+    # an unbatched input with dropout, and an output of height 1 (the padded height equals the kernel's)
+    (
+        "unbatched_dropout",
+        {"in_channels": 3, "out_channels": 2, "kernel_size": (5, 2), "padding": "valid"},
+        2,
+        8,
+        True,
+        (3, 5, 5),
+        0.25,
+    ),
+]
 REFUSED = ("safe_merge_refused", {"in_channels": 3, "out_channels": 4, "kernel_size": 2}, 3, 8, True, (2, 3, 5, 4), 0.0)
 
 
@@ -84,6 +116,11 @@ def cases() -> Generated:
     yield gen_conv_layer("float32", 82, OPERATIONS, operations=True), {}
     yield gen_conv_layer("float64", 83, REFUSED, refused=True), {}
     yield gen_conv_layer("float32", 84, REFUSED, refused=True), {}
+    seed = 85
+    for spec in MORE_CONV_LAYER_CASES:
+        for dtype in ("float64", "float32"):
+            yield gen_conv_layer(dtype, seed, spec), {}
+            seed += 1
 
 
 def gen_conv_layer(dtype: str, seed: int, spec: tuple, *, operations: bool = False, refused: bool = False) -> Case:

@@ -35,6 +35,10 @@ REFUSED = ("safe_merge_refused", 10, 7, 3, False, True, 8, (4,), 0.0)
 # lora_A, lora_E and lora_B each scaled by this: B @ (A * E) overflows (~1e45 in float32, ~1e330 in
 # float64) while every input stays finite, so peft's merge(safe_merge=True) refuses the merged weight
 OVERFLOW = {"float64": 1e110, "float32": 1e15}
+MORE_LAYER_CASES = [  # suite 1.1, from the mutation run's blind spots (mutation/survivors.toml); seeds 23..26
+    ("alpha_half", 9, 7, 3, False, True, 0.5, (4,), 0.0),  # 0 < lora_alpha <= 1: scaling is lora_alpha itself
+    ("one_feature", 1, 1, 2, False, True, 8, (5,), 0.0),  # in_features = out_features = 1
+]
 
 
 def cases() -> Generated:
@@ -47,6 +51,11 @@ def cases() -> Generated:
     yield gen_layer(OPERATIONS[0], "float32", 20, OPERATIONS, operations=True), {}
     yield gen_layer(REFUSED[0], "float64", 21, REFUSED, refused=True), {}
     yield gen_layer(REFUSED[0], "float32", 22, REFUSED, refused=True), {}
+    seed = 22
+    for spec in MORE_LAYER_CASES:
+        for dtype in ("float64", "float32"):
+            seed += 1
+            yield gen_layer(spec[0], dtype, seed, spec), {}
 
 
 def gen_layer(
