@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("check", help="exit 1 if a survivor of results.json is not classified in survivors.toml")
     gate = commands.add_parser("gate", help="run the fixed mutants of gate.txt: exit 1 unless conform kills all")
     gate.add_argument("--workdir", type=Path, help="where the scratch copy goes (default: a new temporary directory)")
+    gate.add_argument("--rev", help="mutate this git revision (default: the working tree, no git needed)")
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
@@ -93,7 +94,7 @@ def _check() -> int:
 def _gate(args: argparse.Namespace) -> int:
     """The CI check: every mutant listed in gate.txt (one id per line, `#` comments) must be killed."""
     ids = {line.split("#")[0].strip() for line in report.GATE.read_text().splitlines()} - {""}
-    done = session.run(session.MODULES, only=ids, workdir=args.workdir)
+    done = session.run(session.MODULES, rev=args.rev, only=ids, workdir=args.workdir)
     alive = [m for m in done.mutants if m.outcome not in ("killed", "timeout")]
     for m in alive:
         print(f"mutation gate: {m.id} {m.outcome}: {m.module}:{m.line} {m.before!r} -> {m.after!r}")

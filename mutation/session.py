@@ -75,11 +75,17 @@ class Run:
     conform_seconds: float
 
 
-def scratch_copy(rev: str, workdir: Path) -> Path:
-    """`git archive rev` unpacked into workdir/tree (replaced if present)."""
+def scratch_copy(rev: str | None, workdir: Path) -> Path:
+    """`git archive rev` unpacked into workdir/tree (replaced if present); with rev None, a copy of the
+    working tree's `adalora_ref/` and `golden/cases/`, all that conform needs (no git required)."""
     tree = workdir / "tree"
     if tree.exists():
         shutil.rmtree(tree)
+    if rev is None:
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+        shutil.copytree(ROOT / "adalora_ref", tree / "adalora_ref", ignore=ignore)
+        shutil.copytree(ROOT / "golden" / "cases", tree / "golden" / "cases")
+        return tree
     tree.mkdir(parents=True)
     archive = workdir / "tree.tar"
     with archive.open("wb") as out:
@@ -170,14 +176,14 @@ def _order(m) -> tuple:
 def run(
     modules: Iterable[str],
     *,
-    rev: str = "HEAD",
+    rev: str | None = "HEAD",
     sample: int | None = None,
     only: set[str] | None = None,
     workdir: Path | None = None,
 ) -> Run:
-    """Mutate `modules` (names from MODULES) of revision `rev`, run conform on every selected mutant
-    (all, a `sample`, or the mutant ids in `only`), and return them in source order. Progress goes
-    to stderr."""
+    """Mutate `modules` (names from MODULES) of revision `rev` (None: the working tree), run conform
+    on every selected mutant (all, a `sample`, or the mutant ids in `only`), and return them in
+    source order. Progress goes to stderr."""
     modules = list(modules)
     unknown = sorted(set(modules) - set(MODULES))
     if unknown:
