@@ -46,9 +46,10 @@ def _run(args: argparse.Namespace) -> int:
         raise session.MutationError(f"--sample must be at least 1, got {args.sample}")
     modules = args.module or list(session.MODULES)
     started = time.monotonic()
+    # the revision mutated, read before the run: commits made while it runs are not in it
+    rev = subprocess.run(["git", "-C", str(session.ROOT), "rev-parse", "--short", args.rev], capture_output=True)
     done = session.run(modules, rev=args.rev, sample=args.sample, workdir=args.workdir)
 
-    rev = subprocess.run(["git", "-C", str(session.ROOT), "rev-parse", "--short", args.rev], capture_output=True)
     what = "all of them" if args.sample is None else f"a seeded sample of {args.sample}"
     run_info = {
         "rev": rev.stdout.decode().strip() or args.rev,
