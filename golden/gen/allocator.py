@@ -24,6 +24,9 @@ ALLOCATOR_CASES = [
 
 
 FROM_STEP_0 = ("from_step_0", [("a", 4, 6, 6), ("b", 4, 6, 9)], 2, 0, 2, 12, 2, 14, [])  # steps 0..13, tinit 0
+# suite 1.1, from the mutation run's blind spots: target_r 0 (the final masking prunes every row: k is the
+# number of triplets) on layers of one input feature (a) and one output feature (b)
+PRUNE_ALL = ("prune_all", [("a", 4, 1, 6), ("b", 4, 6, 1)], 0, 1, 2, 10, 2, 12, [])
 
 
 def cases() -> Generated:
@@ -31,6 +34,7 @@ def cases() -> Generated:
         yield gen_allocator(spec, "float64", 400 + i), {}
     yield gen_allocator(ALLOCATOR_CASES[0], "float32", 410), {}
     yield gen_allocator(FROM_STEP_0, "float64", 411, first_step=0), {}
+    yield gen_allocator(PRUNE_ALL, "float64", 412), {}
 
 
 @contextlib.contextmanager
