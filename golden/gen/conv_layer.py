@@ -71,7 +71,7 @@ OPERATIONS = (
     (2, 3, 5, 4),
     0.0,
 )
-MORE_CONV_LAYER_CASES = [  # suite 1.1, from the mutation run's blind spots (mutation/survivors.toml); seeds 85..90
+MORE_CONV_LAYER_CASES = [  # suite 1.1, from the mutation run's blind spots (mutation/survivors.toml); seeds 85..92
     # 'same' with totals (1, 0): only H padded, by 0 before and 1 after
     (
         "same_padding_2x1",
@@ -101,6 +101,16 @@ MORE_CONV_LAYER_CASES = [  # suite 1.1, from the mutation run's blind spots (mut
         True,
         (3, 5, 5),
         0.25,
+    ),
+    # 'same' with totals (0, 1): only W padded, by 0 left and 1 right
+    (
+        "same_padding_1x2",
+        {"in_channels": 2, "out_channels": 3, "kernel_size": (1, 2), "padding": "same"},
+        2,
+        8,
+        True,
+        (2, 2, 4, 5),
+        0.0,
     ),
 ]
 REFUSED = ("safe_merge_refused", {"in_channels": 3, "out_channels": 4, "kernel_size": 2}, 3, 8, True, (2, 3, 5, 4), 0.0)
