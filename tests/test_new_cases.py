@@ -1,4 +1,4 @@
-"""The cases of suite 1.1 localise what the first suite saw only late or not at all: each wrong port
+"""The cases of suite 1.1 (and 1.2) localise what the first suite saw only late or not at all: each wrong port
 below passes every case of suite 1.0 up to a late, vague symptom (a rank pattern at step 21, a loss
 at step 2) and is now caught by a 1.1 case at the first check its mistake changes, with the
 quantity named. Also: the cases that start at step 0 say so, and the localised trajectories check
@@ -20,7 +20,7 @@ from adalora_ref.conformance import reference
 from adalora_ref.conformance.case import read_case
 from adalora_ref.layer import SVDLinear
 
-from .test_conformance import ALL_IDS, CASES, assert_caught_first
+from .test_conformance import ALL_IDS, CASES, assert_caught_first, first_divergence
 
 
 def warm_up_ends_early(step, *, init_bgt, target_bgt, tinit, tfinal, total_step, deltaT):
@@ -61,6 +61,20 @@ class AdamWithoutDecay(optim_module.AdamW):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.weight_decay = 0.0
+
+
+class AdamWithDefaultsOnly(optim_module.AdamW):
+    """AdamW built from the learning rate alone: the case's betas, eps and weight_decay ignored."""
+
+    def __init__(self, lr: float = 1e-3, **ignored) -> None:
+        super().__init__(lr)
+
+
+class AdamWithLrOrDefault(optim_module.AdamW):
+    """`lr = lr or 1e-3`: a learning rate of 0 read as 'not given' (a falsy-zero bug)."""
+
+    def __init__(self, lr: float = 1e-3, **options) -> None:
+        super().__init__(lr or 1e-3, **options)
 
 
 real_orthogonal_regularizer = model_module.orthogonal_regularizer
@@ -146,6 +160,19 @@ WRONG_PORTS = [
         "conv_layer/safe_merge_refused_32",
         "safe merge refused is false, expected true",
     ),
+    # suite 1.2
+    (
+        "AdamW with torch's defaults instead of the case's betas, eps and weight_decay",
+        (reference, "AdamW", AdamWithDefaultsOnly),
+        "trajectory/adamw_edges_64",
+        "lora_A after the optimizer step of fc1 at step 1 differs",
+    ),
+    (
+        "a learning rate of 0 read as 'not given'",
+        (reference, "AdamW", AdamWithLrOrDefault),
+        "trajectory/adamw_lr_zero_64",
+        "loss at step 2 differs",
+    ),
 ]
 
 
@@ -226,3 +253,13 @@ def test_a_localising_trajectory_checks_each_quantity_where_spec_says(case_id: s
         assert len(scored) == (len(layers) + 1 if step in masking else 0), (case_id, step)
     if a.get("orth_reg_weight") == 0.0:
         assert all(not np.any(case.expected[k]) for k in keys if k.endswith(".orth_loss"))
+
+
+def test_an_empty_initial_triplet_written_as_json_lists_is_caught(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """init/r_zero (suite 1.2): a port that writes its empty triplet as JSON `[]` (shape (0,)) is told
+    the shape it should have, for each of the three tensors."""
+    (tmp_path / "init").mkdir()
+    (tmp_path / "init" / "r_zero.json").write_text('{"values": {"lora_A": [], "lora_E": [], "lora_B": []}}')
+    assert first_divergence(tmp_path, "init/r_zero", capsys).startswith("initial lora_A (empty)")

@@ -93,13 +93,20 @@ def test_suite_version_of_section_17_is_the_manifests() -> None:
     assert read_manifest(CASES)["provenance"]["suite_version"] == match[1]
 
 
-def test_stability_every_file_of_suite_1_0_is_unchanged() -> None:
-    """SPEC 17's rule, mechanically: the files of suite 1.0 are all there, byte for byte."""
-    frozen = json.loads((Path(__file__).parent / "data" / "golden_suite_1.0.json").read_text())["files"]
+@pytest.mark.parametrize("version", ["1.0", "1.1"])
+def test_stability_every_file_of_a_published_suite_is_unchanged(version: str) -> None:
+    """SPEC 17's rule, mechanically: the files of each published version are all there, byte for byte."""
+    frozen = json.loads((Path(__file__).parent / "data" / f"golden_suite_{version}.json").read_text())["files"]
     current = read_manifest(CASES)["files"]
     changed = sorted(rel for rel, digest in frozen.items() if current.get(rel) != digest)
     assert changed == []
-    match = re.search(r"Version `1\.0` had (\d+) cases; `[\d.]+` added (\d+)", section("17"))
+
+
+def test_section_17_counts_what_each_version_added() -> None:
+    match = re.search(r"Version `1\.0` had (\d+) cases; `1\.1` added (\d+).*?`1\.2` added (\d+)", section("17"), re.S)
     assert match, "17 no longer says what the versions hold"
-    old = {rel.removesuffix(".json") for rel in frozen if rel.endswith(".json") and ".files/" not in rel}
-    assert (len(old), len(old) + int(match[2])) == (int(match[1]), len(IDS))
+    counts = []
+    for version in ("1.0", "1.1"):
+        frozen = json.loads((Path(__file__).parent / "data" / f"golden_suite_{version}.json").read_text())["files"]
+        counts.append(len({rel for rel in frozen if rel.endswith(".json") and ".files/" not in rel}))
+    assert (counts[0], counts[1] - counts[0], len(IDS) - counts[1]) == (int(match[1]), int(match[2]), int(match[3]))

@@ -125,9 +125,10 @@ def run_init(case: Case, xp: Any) -> Outputs:
         xp=xp,
         dtype=dtype_by_name(xp, case.dtype),
     )
-    out: Outputs = {f"std.{part}": np.asarray(np.std(_np(getattr(t, part)))) for part in PARTS}
-    out.update({f"mean.{part}": np.asarray(np.mean(_np(getattr(t, part)))) for part in PARTS})
-    out["lora_E"] = _np(t.lora_E)
+    out: Outputs = {part: _np(getattr(t, part)) for part in PARTS}
+    if c["r"] > 0:  # an empty triplet (init/r_zero) has no statistics
+        out.update({f"std.{part}": np.asarray(np.std(out[part])) for part in PARTS})
+        out.update({f"mean.{part}": np.asarray(np.mean(out[part])) for part in PARTS})
     return out
 
 
@@ -248,7 +249,8 @@ def run_trajectory(case: Case, xp: Any) -> Outputs:
         model.add_adapter("other", AdaLoraConfig(**c["other_adapter"]))
         model.set_triplets({name: get.triplet(f"init_other.{name}.") for name in model.triplets("other")}, "other")
         model.set_adapter(["default", "other"])
-    optimizer = AdamW(lr=c["lr"])
+    adamw = c.get("adamw", {})  # torch's defaults but lr unless the case states them (suite 1.1)
+    optimizer = AdamW(lr=c["lr"], **{k: tuple(v) if k == "betas" else v for k, v in adamw.items()})
     loss_fn = mse_loss if c["loss"] == "mse" else cross_entropy_loss
     final_step = config.total_step - config.tfinal
     out: Outputs = {}

@@ -20,15 +20,17 @@ def cases() -> Generated:
     yield gen_init(True, 101), {}
     yield gen_init(False, 102), {}
     yield gen_init(False, 103, shape=(64, 64, 8192), sound=True), {}
+    yield gen_init(True, 104, shape=(6, 5, 0)), {}  # suite 1.2: init_r = 0, the mutation run's blind spot
 
 
 def gen_init(init_lora_weights: bool, seed: int, *, shape: tuple = (512, 384, 256), sound: bool = False) -> Case:
     n_in, n_out, r = shape
     config = {"in_features": n_in, "out_features": n_out, "r": r, "init_lora_weights": init_lora_weights, "seed": seed}
     name = ("default" if init_lora_weights else "init_lora_weights_false") + ("_sound" if sound else "")
-    c = case(
-        "init", name, "float32", f"a fresh SVDLinear triplet ({name}): E, and mean and std of A, E, B", config, seed
-    )
+    if r == 0:
+        name = "r_zero"
+    what = "the three empty tensors" if r == 0 else "E, and mean and std of A, E, B"
+    c = case("init", name, "float32", f"a fresh SVDLinear triplet ({name}): {what}", config, seed)
     torch.manual_seed(seed)
     model = adalora(
         Stack([("proj", n_in, n_out)]),
@@ -39,6 +41,10 @@ def gen_init(init_lora_weights: bool, seed: int, *, shape: tuple = (512, 384, 25
         init_lora_weights=init_lora_weights,
     )
     layer = model.base_model.model.proj
+    if r == 0:  # nothing to draw: the triplet's three empty shapes are the whole check
+        for part in PARTS:
+            record(c, tensor(part, f"initial {part} (empty)", rtol=0.0), t2n(lora(layer, part)))
+        return c
     if init_lora_weights:
         record(c, tensor("lora_E", "initial lora_E", rtol=0.0), t2n(lora(layer, "lora_E")))
     for part in PARTS:  # sample statistics of >= 98k draws (E: 256): 5% (E: 20%) is well beyond their noise

@@ -73,6 +73,12 @@ def cases() -> Generated:
     fan = {**SHORT, "fan_in_fan_out": True}  # every layer a transformers Conv1D: weights (in, out)
     yield gen_trajectory("fan_in_fan_out", "float64", "cross_entropy", 512, fan, localise=True), {}
     yield gen_trajectory("cnn_frozen_conv", "float64", "mse", 513, SHORT, **FROZEN_CONV), {}
+    # AdamW's edge values (suite 1.2, the mutation run's last optimizer blind spots): lr 0 and weight
+    # decay 0 (nothing moves: only masking changes E), then beta1 0, eps 0 and weight decay 1
+    frozen = {"lr": 0.0, "weight_decay": 0.0}
+    yield gen_trajectory("adamw_lr_zero", "float64", "mse", 514, SHORT, adamw=frozen), {}
+    edges = {"betas": (0.0, 0.9), "eps": 0.0, "weight_decay": 1.0}
+    yield gen_trajectory("adamw_edges", "float64", "mse", 515, SHORT, localise=True, adamw=edges), {}
 
 
 def phase_boundaries(adalora_config: dict, first: int, last: int) -> list[int]:
@@ -110,13 +116,16 @@ def gen_trajectory(
     sample_shape: tuple[int, ...] = (8,),
     first_step: int = 1,
     localise: bool = False,
+    adamw: dict | None = None,
 ) -> Case:
     """`overrides` change the adapter's config (bias modes, modules_to_save, a shorter schedule;
     `fan_in_fan_out` builds every layer as a transformers Conv1D; `lora_dropout` records each step's
     masks as inputs); `other` adds an inference-mode adapter "other", active together with "default";
     `layers`, `convs` and `sample_shape` give another network (a CNN: conv layers, a flatten, linear
     layers). The steps run from `first_step` (said in the config when not 1); `localise` adds the
-    checks that localise a divergence (module docstring)."""
+    checks that localise a divergence (module docstring). `adamw` sets torch's AdamW arguments (lr,
+    betas, eps, weight_decay; torch's defaults and lr 0.02 for those it does not name): the config then
+    states all four under "adamw"."""
     adalora_config = {
         "init_r": 6,
         "target_r": 3,
@@ -129,7 +138,8 @@ def gen_trajectory(
         "target_modules": [n for n, *_, targeted in layers if targeted],
         **(overrides or {}),
     }
-    lr, batch = 0.02, 16
+    optimizer_args = {"lr": 0.02, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01, **(adamw or {})}
+    lr, batch = optimizer_args["lr"], 16
     n_steps = adalora_config["total_step"] + 6
     steps = range(first_step, first_step + n_steps)
     after_optimizer = phase_boundaries(adalora_config, steps[0], steps[-1]) if localise else []
@@ -145,6 +155,9 @@ def gen_trajectory(
         "optimizer": "torch.optim.AdamW (defaults but lr)",
         "other_adapter": other,
     }
+    if adamw is not None:
+        config["optimizer"] = "torch.optim.AdamW (lr, betas, eps and weight_decay from the config)"
+        config["adamw"] = {k: list(v) if k == "betas" else v for k, v in optimizer_args.items() if k != "lr"}
     if first_step != 1:
         config["first_step"] = first_step
     if after_optimizer:
@@ -190,7 +203,7 @@ def gen_trajectory(
         for n, p in model.named_parameters()
         if p.requires_grad and "ranknum" not in n and not n.endswith(".other")
     }
-    optimizer = torch.optim.AdamW(list(trainable.values()), lr=lr)
+    optimizer = torch.optim.AdamW(list(trainable.values()), **optimizer_args)
     rng = np.random.default_rng(seed)
     allocator = model.base_model.rankallocator
     final_step = adalora_config["total_step"] - adalora_config["tfinal"]
