@@ -262,4 +262,6 @@ def test_an_empty_initial_triplet_written_as_json_lists_is_caught(
     the shape it should have, for each of the three tensors."""
     (tmp_path / "init").mkdir()
     (tmp_path / "init" / "r_zero.json").write_text('{"values": {"lora_A": [], "lora_E": [], "lora_B": []}}')
-    assert first_divergence(tmp_path, "init/r_zero", capsys).startswith("initial lora_A (empty)")
+    message = first_divergence(tmp_path, "init/r_zero", capsys)
+    hint = '(a JSON [] is shape (0,): write {"shape": [0, 6], "data": []})'
+    assert message == f"initial lora_A (empty) has shape (0,), expected (0, 6) {hint}"

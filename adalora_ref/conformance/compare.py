@@ -98,7 +98,10 @@ def _judge_tensor(check: Check, a: np.ndarray, e: np.ndarray, rtol: float) -> tu
     if a.size == 1 and e.size == 1:  # a scalar: stored with shape (1,), a port may write shape ()
         a, e = a.reshape(1), e.reshape(1)
     if a.shape != e.shape:
-        return None, CheckFailure(check, f"{check.where()} has shape {tuple(a.shape)}, expected {tuple(e.shape)}")
+        message = f"{check.where()} has shape {tuple(a.shape)}, expected {tuple(e.shape)}"
+        if a.shape == (0,) and e.size == 0:  # most likely a JSON []: SPEC 15's object form keeps the shape
+            message += f' (a JSON [] is shape (0,): write {{"shape": {list(e.shape)}, "data": []}})'
+        return None, CheckFailure(check, message)
     err, index = tensor_error(a, e)
     if err <= rtol:
         return err, None
