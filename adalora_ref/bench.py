@@ -53,6 +53,7 @@ import numpy as np
 
 from ._backend import dtype_by_name, from_numpy, get_backend, to_numpy
 from .allocator import RankAllocator
+from .bench_env import numpy_blas_threads
 from .config import AdaLoraConfig
 from .layer import SVDLinear, SVDTriplet, TripletGrads
 from .mlp import MLP, mse_loss
@@ -132,8 +133,12 @@ for the allocator). `small`: the same workloads at toy sizes, a smoke run of a f
 
 
 def blas_threads() -> int:
-    """The threads NumPy's BLAS runs on: OPENBLAS_NUM_THREADS, else OMP_NUM_THREADS, else MKL_NUM_THREADS,
-    else every core this process may use. torch is given the same count."""
+    """The threads NumPy's BLAS runs on, as the loaded library reports them (bench_env, threadpoolctl);
+    where that is unknown: OPENBLAS_NUM_THREADS, else OMP_NUM_THREADS, else MKL_NUM_THREADS, else every
+    core this process may use. torch is given the same count."""
+    reported = numpy_blas_threads()
+    if reported is not None:
+        return reported
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])

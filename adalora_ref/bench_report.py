@@ -7,9 +7,11 @@
 `run_benchmarks` builds the workloads of bench.py, times ours and peft side by side, measures the
 copy bandwidth for the allocator's floor and the memory growth over many steps, and returns a
 `Report`; `format_report` prints it as a Markdown table with the issue's targets, met or missed,
-each with its figure. A progress bar (tqdm) runs on stderr while it works, when stderr is a
-terminal. Without torch and peft the reference side still runs, and the report says why the peft
-columns are empty. The pytest-benchmark files in bench/ measure with the same functions.
+each with its figure. The header also says what each side ran on (bench_env: BLAS library,
+kernel, threads) and warns of environment variables that pin them. A progress bar (tqdm) runs on
+stderr while it works, when stderr is a terminal. Without torch and peft the reference side still
+runs, and the report says why the peft columns are empty. The pytest-benchmark files in bench/
+measure with the same functions.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from . import bench_env
 from ._backend import BACKENDS
 from .bench import (
     SIZES,
@@ -211,7 +214,7 @@ def run_benchmarks(
 
 
 def machine_description() -> str:
-    """The CPU model and core count, from /proc/cpuinfo where there is one."""
+    """The CPU model, core count and widest vector instructions, from /proc/cpuinfo where there is one."""
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -219,7 +222,8 @@ def machine_description() -> str:
         model = names[0] if names else model
     except OSError:
         pass
-    return f"{model}, {os.cpu_count()} cores"
+    instructions = bench_env.cpu_instruction_set()
+    return f"{model}, {os.cpu_count()} cores" + ("" if instructions is None else f", {instructions}")
 
 
 def targets(report: Report) -> list[Target]:
@@ -253,7 +257,7 @@ def _header(report: Report) -> str:
     return (
         f"adalora-ref bench: reference on {s.backend} {s.dtype_name}, sizes {report.sizes.name}, "
         f"{report.rounds} rounds; {versions}; {s.threads} threads; {machine_description()}{load}{malloc}; "
-        f"{datetime.date.today().isoformat()}"
+        f"{datetime.date.today().isoformat()}\n{bench_env.describe().text}"
     )
 
 
@@ -291,6 +295,7 @@ def format_report(report: Report) -> str:
 def report_dict(report: Report) -> dict[str, Any]:
     """The report as plain data, for --json (times in seconds, sizes in bytes)."""
     s, f = report.setup, report.floor
+    environment = bench_env.describe()
     return {
         "backend": s.backend,
         "dtype": s.dtype_name,
@@ -304,6 +309,8 @@ def report_dict(report: Report) -> dict[str, Any]:
         "no_peft_reason": s.no_peft_reason,
         "steady_malloc": report.steady_malloc,
         "machine": machine_description(),
+        "blas": environment.as_dict(),
+        "environment_warnings": environment.warnings,
         "date": datetime.date.today().isoformat(),
         "timings": [dict(dataclasses.asdict(t), peft_over_ours=t.ratio) for t in report.timings],
         "floor": None if f is None else dict(dataclasses.asdict(f), floor_s=f.floor_s, ours_over_floor=f.ratio),
@@ -365,6 +372,8 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         load_backend(bench, args.backend)
+        for pinned in bench_env.pinned_variables():
+            print(f"adalora-ref bench: warning: {pinned.text}", file=sys.stderr)
         setup = make_setup(args.backend, args.dtype)
         report = run_benchmarks(setup, SIZES[args.sizes], args.only, args.rounds)
         print(format_report(report))
