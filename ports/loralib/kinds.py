@@ -144,7 +144,7 @@ def _steps(c: dict[str, Any], numbering: str) -> list[tuple[int, int]]:
 
     The case numbers its steps from `first_step` (default 1, docs/SPEC.md 16.2). loralib's own
     trainers count from 0: the k-th optimizer step (k = 0, 1, ...) calls
-    `update_and_mask(model, self.state.global_step)` before `global_step += 1` (NLU trainer.py:1126-1128,
+    `update_and_mask(model, self.state.global_step)` before `global_step += 1` (NLU trainer.py:1126-1129,
     run_summarization_no_trainer.py:825-829). numbering "loralib" passes k; "peft" (a diagnostic)
     passes the case's own step number.
     """
@@ -309,7 +309,7 @@ def _peft_name(name: str, adapted: set[str], saved_modules: set[str]) -> str:
 
 
 def run_trajectory(case: Case, numbering: str) -> Outputs:
-    """Training in the order of loralib's README and NLU trainer (trainer.py:1076-1128): forward,
+    """Training in the order of loralib's README and NLU trainer (trainer.py:1076-1129): forward,
     loss + compute_orth_regu, backward, optimizer.step(), update_and_mask(model, global_step), zero_grad."""
     c, a = case.config, case.config["adalora"]
     net = _trajectory_net(case)
