@@ -318,12 +318,15 @@ def allocator_bytes(layers: Sequence[tuple[str, int, int]], r: int, itemsize: in
     return 7 * elements * itemsize
 
 
-def allocator_workload(setup: Setup, sizes: Sizes, seed: int = 0, total_step: int = 10_000) -> Workload:
+def allocator_workload(
+    setup: Setup, sizes: Sizes, seed: int = 0, total_step: int = 10_000, fused: bool = False
+) -> Workload:
     """One update_and_allocate at a masking step, every run a new step of the budgeting phase.
 
     The schedule: tinit 0, tfinal 0, deltaT 1, so every step masks; the steps start at
     total_step // 5 (a budget well below init_bgt). p and grad are fixed draws; E loses its masked
-    rows on both sides, as in training.
+    rows on both sides, as in training. `fused`: ours is fused.FusedRankAllocator (numba, NumPy only;
+    ImportError without numba, fused.FusedPathError on another backend), timed after one warm-up step that compiles it.
     """
     layers = allocator_layers(sizes)
     r = sizes.init_r
@@ -338,13 +341,14 @@ def allocator_workload(setup: Setup, sizes: Sizes, seed: int = 0, total_step: in
     }
     schedule = {"target_r": sizes.target_r, "tinit": 0, "tfinal": 0, "deltaT": 1, "total_step": total_step}
     first_step = total_step // 5
-    name = f"allocator step, {len(layers)} triplets"
+    name = f"allocator step{' (fused)' if fused else ''}, {len(layers)} triplets"
     moved = allocator_bytes(layers, r, np.dtype(setup.dtype_name).itemsize)
 
     a = setup.array
     params = {n: SVDTriplet(*(a(v[part][0]) for part in PARTS)) for n, v in values.items()}
     grads = {n: TripletGrads(*(a(v[part][1]) for part in PARTS)) for n, v in values.items()}
-    allocator = RankAllocator({name: r for name, _, _ in layers}, **schedule)
+    allocator_class = _fused_allocator_class(setup) if fused else RankAllocator
+    allocator = allocator_class({name: r for name, _, _ in layers}, **schedule)
     ours_state: dict[str, Any] = {"step": first_step}
 
     def run_ours() -> None:
@@ -411,6 +415,20 @@ def allocator_workload(setup: Setup, sizes: Sizes, seed: int = 0, total_step: in
         return out
 
     return Workload(name, ours, Side(run_peft, setup.sync_peft, peft_outputs), moved)
+
+
+def _fused_allocator_class(setup: Setup) -> type[RankAllocator]:
+    """FusedRankAllocator, compiled (numba caches the machine code on disk, so mostly a load) by one
+    step on a tiny triplet: compilation stays outside every timed run."""
+    from .fused import FusedPathError, FusedRankAllocator
+
+    if setup.backend != "numpy":
+        raise FusedPathError(f"the fused allocator step is NumPy-only, the reference runs on {setup.backend}")
+    warm_up = FusedRankAllocator({"warm_up": 1}, target_r=1, tinit=0, tfinal=0, total_step=10)
+    a = setup.array
+    ones = [a(np.ones(shape)) for shape in ((1, 2), (1, 1), (2, 1))]
+    warm_up.update_and_allocate({"warm_up": SVDTriplet(*ones)}, {"warm_up": TripletGrads(*ones)}, 1)
+    return FusedRankAllocator
 
 
 # -- (c) one training step of the MLP ---------------------------------------------------------

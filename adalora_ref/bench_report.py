@@ -50,11 +50,13 @@ from .bench import (
     train_step_workload,
 )
 from .cli_args import load_backend, positive_int, writable_file, write_output
+from .fused import FusedPathError
 
 BENCHMARKS = ("layer", "allocator", "train", "memory")
 FWD_BWD_MAX_SLOWDOWN = 1.1  # target (a): ours at most 1.1x peft's time
 ALLOCATOR_MIN_SPEEDUP = 2.0  # target (b): at least 2x faster than peft
 FLOOR_MAX_RATIO = 2.0  # target (b): within 2x of the bandwidth floor
+FUSED_MIN_SPEEDUP = 3.0  # issue 17: the fused allocator step at least 3x faster than peft (and within 2x of the floor)
 
 
 @dataclass
@@ -78,6 +80,7 @@ class Floor:
     bytes_moved: int
     bandwidth: float  # bytes per second
     ours_s: float
+    fused_s: float | None = None  # the fused step (fused.FusedRankAllocator), timed in the same run
 
     @property
     def floor_s(self) -> float:
@@ -87,6 +90,11 @@ class Floor:
     def ratio(self) -> float:
         """ours / floor: 1 is as fast as memory allows."""
         return self.ours_s / self.floor_s
+
+    @property
+    def fused_ratio(self) -> float | None:
+        """fused / floor, None when the fused step did not run."""
+        return None if self.fused_s is None else self.fused_s / self.floor_s
 
 
 @dataclass
@@ -126,12 +134,23 @@ def add_timing(report: Report, workload: Workload) -> Timing:
     return timing
 
 
-def add_floor(report: Report, workload: Workload, timing: Timing) -> Floor:
-    """The floor of the allocator step `workload` (timed as `timing`): measures the copy bandwidth."""
+def add_floor(report: Report, workload: Workload, timing: Timing, fused: Timing | None = None) -> Floor:
+    """The floor of the allocator step `workload` (timed as `timing`, the fused step as `fused`):
+    measures the copy bandwidth."""
     assert workload.bytes_moved is not None, f"{workload.name} defines no bytes moved"
     bandwidth = copy_bandwidth(report.setup, report.sizes.copy_mib * 2**20)
-    report.floor = Floor(workload.bytes_moved, bandwidth, timing.ours_s)
+    report.floor = Floor(workload.bytes_moved, bandwidth, timing.ours_s, None if fused is None else fused.ours_s)
     return report.floor
+
+
+def fused_allocator_workload(report: Report) -> Workload | None:
+    """The allocator step on fused.FusedRankAllocator, ours alone (peft's side is the readable
+    workload's); None, with a note, where it cannot run (numba missing, a backend other than numpy)."""
+    try:
+        return allocator_workload(report.setup.without_peft("timed with the readable step"), report.sizes, fused=True)
+    except (ImportError, FusedPathError) as err:
+        report.notes.append(f"the fused allocator step ({err})")
+        return None
 
 
 def add_memory(report: Report, build: Callable[[Setup, Sizes], Workload]) -> MemoryGrowth | None:
@@ -154,8 +173,18 @@ def _layers(report: Report, n_in: int, n_out: int, tokens: int, backward: bool) 
 
 
 def _allocator(report: Report) -> None:
+    """The readable step, the fused one and peft's, interleaved in one run, and the floor of both."""
     workload = allocator_workload(report.setup, report.sizes)
-    add_floor(report, workload, add_timing(report, workload))
+    fused = fused_allocator_workload(report)
+    if fused is None:
+        add_floor(report, workload, add_timing(report, workload))
+        return
+    sides = [workload.ours, fused.ours] + ([] if workload.peft is None else [workload.peft])
+    ours_s, fused_s, *peft_s = [statistics.median(t) for t in time_sides(sides, report.rounds)]
+    timing = Timing(workload.name, ours_s, peft_s[0] if peft_s else None)
+    fused_timing = Timing(fused.name, fused_s, timing.peft_s)
+    report.timings += [timing, fused_timing]
+    add_floor(report, workload, timing, fused_timing)
 
 
 def _train(report: Report) -> None:
@@ -235,12 +264,19 @@ def targets(report: Report) -> list[Target]:
         if t.name.startswith("layer fwd+bwd"):
             name = f"{t.name}: at most {FWD_BWD_MAX_SLOWDOWN}x peft's time"
             out.append(Target(name, t.ours_s <= FWD_BWD_MAX_SLOWDOWN * t.peft_s, f"{t.ours_s / t.peft_s:.2f}x"))
-        if t.name.startswith("allocator"):
+        if t.name.startswith("allocator step (fused)"):
+            name = f"fused allocator step at least {FUSED_MIN_SPEEDUP:g}x faster than peft"
+            out.append(Target(name, t.peft_s >= FUSED_MIN_SPEEDUP * t.ours_s, f"{t.peft_s / t.ours_s:.2f}x"))
+        elif t.name.startswith("allocator"):
             name = f"allocator step at least {ALLOCATOR_MIN_SPEEDUP:g}x faster than peft"
             out.append(Target(name, t.peft_s >= ALLOCATOR_MIN_SPEEDUP * t.ours_s, f"{t.peft_s / t.ours_s:.2f}x"))
     if report.floor is not None:
         name = f"allocator step within {FLOOR_MAX_RATIO:g}x of the bandwidth floor"
         out.append(Target(name, report.floor.ratio <= FLOOR_MAX_RATIO, f"{report.floor.ratio:.2f}x"))
+        fused_ratio = report.floor.fused_ratio
+        if fused_ratio is not None:
+            name = f"fused allocator step within {FLOOR_MAX_RATIO:g}x of the bandwidth floor"
+            out.append(Target(name, fused_ratio <= FLOOR_MAX_RATIO, f"{fused_ratio:.2f}x"))
     for m in report.memory:
         figure = f"{m.growth:+d} bytes between the halves of {m.steps} steps"
         out.append(Target(f"no memory growth over {m.name}", not m.grows, figure))
@@ -276,7 +312,8 @@ def format_report(report: Report) -> str:
         lines += [
             "",
             f"Floor of the allocator step: {f.bytes_moved / 1e6:.1f} MB moved at {f.bandwidth / 1e9:.1f} GB/s "
-            f"(array copy) = {f.floor_s * 1e3:.3g} ms; ours {f.ours_s * 1e3:.3f} ms = {f.ratio:.2f}x the floor.",
+            f"(array copy) = {f.floor_s * 1e3:.3g} ms; ours {f.ours_s * 1e3:.3f} ms = {f.ratio:.2f}x the floor"
+            + ("." if f.fused_s is None else f", fused {f.fused_s * 1e3:.3f} ms = {f.fused_ratio:.2f}x the floor."),
         ]
     if report.memory or report.notes:
         lines.append("")
@@ -313,7 +350,9 @@ def report_dict(report: Report) -> dict[str, Any]:
         "environment_warnings": environment.warnings,
         "date": datetime.date.today().isoformat(),
         "timings": [dict(dataclasses.asdict(t), peft_over_ours=t.ratio) for t in report.timings],
-        "floor": None if f is None else dict(dataclasses.asdict(f), floor_s=f.floor_s, ours_over_floor=f.ratio),
+        "floor": None
+        if f is None
+        else dict(dataclasses.asdict(f), floor_s=f.floor_s, ours_over_floor=f.ratio, fused_over_floor=f.fused_ratio),
         "memory": [dict(dataclasses.asdict(m), growth=m.growth, grows=m.grows) for m in report.memory],
         "notes": report.notes,
         "targets": [dataclasses.asdict(t) for t in targets(report)],

@@ -1,0 +1,157 @@
+"""The fused importance step: `FusedRankAllocator`, the rank allocator with its hot loop compiled.
+
+allocator.py is the specification and the default; this module is an optional fast path for NumPy
+arrays on the CPU, selected explicitly:
+
+    from adalora_ref.fused import FusedRankAllocator      # pip install 'adalora-ref[fast]' (numba)
+    allocator = FusedRankAllocator(layers, target_r=..., tinit=..., tfinal=..., total_step=...)
+
+It is a RankAllocator (same arguments, `from_config`, budget schedule, masking, refusals) whose
+importance step runs one compiled loop per triplet (_fused_kernels.triplet_step) instead of some
+thirty NumPy calls, each a pass over memory: sensitivity, both averages and the triplet score read
+p, grad and the averages once and write ipt and the averages once, the least memory a step can move.
+
+What is the same as the readable path, and what is not:
+- ipt, exp_avg_ipt and exp_avg_unc are bitwise equal (tests/test_fused.py): the same operations in
+  the same order in the arrays' dtype, without fastmath. beta1 and beta2 enter as the dtype's values
+  of the Python floats beta and 1 - beta, as NumPy rounds them against a float32 or float64 array.
+- The triplet scores are sums in another order (as NumPy's BLAS call is): they agree to rounding,
+  and are within a few ulps of the exact mean of the same element scores.
+- All or nothing, as update_ipt: the step writes the new averages into a second pair of arrays and
+  the state switches to them only once every triplet is done and every ipt found finite. So nothing
+  is ever written in place, no copy is needed before a masking step (`masking_follows` has nothing
+  to do), and update_and_allocate puts the previous state back, when masking refuses, as it does for
+  the readable path. The price: two more arrays per tensor, and `state` alternates between two
+  pairs of arrays (copy an array to keep its value, as with the readable path).
+- The triplet scores of a step come out of the same loop; `scores()` returns them while the state is
+  the one they were computed from, and otherwise computes them from the state.
+- NumPy arrays only: another library's arrays (array_api_strict, torch, cupy) are refused with a
+  TypeError. There is no GPU version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .allocator import PARTS, ImportanceState, RankAllocator, _largest_finite
+from .layer import SVDTriplet, TripletGrads
+
+Array = Any
+
+INSTALL_HINT = "pip install 'adalora-ref[fast]' (numba >= 0.60)"
+
+
+class FusedPathError(TypeError):
+    """Arrays the fused step cannot take: not NumPy, or an importance state that is not the tensors' shape."""
+
+
+def _kernels() -> Any:
+    try:
+        from . import _fused_kernels
+    except ImportError as err:
+        raise ImportError(f"FusedRankAllocator needs numba, which is not installed ({err}); {INSTALL_HINT}") from err
+    return _fused_kernels
+
+
+class FusedRankAllocator(RankAllocator):
+    """RankAllocator whose importance step and scores run as one compiled loop per triplet (NumPy only)."""
+
+    def __init__(self, layers: Mapping[str, int], **schedule: Any) -> None:
+        self._kernels = _kernels()  # refuse a missing numba up front, not at the first step
+        super().__init__(layers, **schedule)
+        self._spare: dict[tuple[str, str], tuple[Array, Array, Array, Array]] = {}
+        self._scored: tuple[object, dict[str, Array]] | None = None  # (the state, its triplet scores)
+
+    def reset_ipt(self) -> None:
+        super().reset_ipt()
+        self._spare, self._scored = {}, None
+
+    def update_ipt(
+        self, params: Mapping[str, SVDTriplet], grads: Mapping[str, TripletGrads], *, masking_follows: bool = False
+    ) -> None:
+        """One importance step for every tensor, all or nothing (see the module docstring).
+
+        `masking_follows` is accepted for the readable path's signature: this step never changes the
+        arrays of the state it starts from, so there is nothing to copy before a masking.
+        """
+        self._check_inputs(params, grads)
+        new_state: dict[str, dict[str, ImportanceState]] = {}
+        scores: dict[str, Array] = {}
+        for name, r in self.layer_ranks.items():
+            triplet, triplet_grads = params[name], grads[name]
+            args: list[Array] = []
+            layer_state = new_state[name] = {}
+            for part in PARTS:
+                p, g = _numpy(name, part, getattr(triplet, part)), _numpy(name, part, getattr(triplet_grads, part))
+                avg, unc, new_avg, new_unc = self._arrays(name, part, p)
+                ipt = np.empty(p.shape, p.dtype)
+                args += [p, g, avg, unc, ipt, new_avg, new_unc]
+                layer_state[part] = ImportanceState(ipt, new_avg, new_unc)
+            score = np.empty(r, triplet.lora_A.dtype)
+            if not self._kernels.triplet_step(*args, self._betas(score.dtype), score):
+                ipts = {name: {part: s.ipt for part, s in layer_state.items()}}
+                _largest_finite(ipts, {name: triplet}, {name: triplet_grads})  # raises, naming the tensor
+                # every ipt is finite: the score overflows, which masking refuses (as for the readable path)
+            scores[name] = score
+        self.state = new_state
+        self._scored = (new_state, scores)
+
+    def scores(self) -> dict[str, Array]:
+        """layer -> (r,) triplet scores: those of the last step's loop while the state is still its
+        own, else computed from the state by the same sums."""
+        if self._scored is not None and self._scored[0] is self.state:
+            scores, self._scored = self._scored[1], None  # handed out once: the caller may keep them
+            return scores
+        if not self.state:
+            raise ValueError("no importance yet: update_ipt must run before masking")
+        out = {}
+        for name, r in self.layer_ranks.items():
+            states = self.state[name]
+            arrays = []
+            for part in PARTS:
+                s = states[part]
+                arrays += [_numpy(name, part, s.exp_avg_ipt), _numpy(name, part, s.exp_avg_unc)]
+            out[name] = np.empty(r, arrays[0].dtype)
+            self._kernels.scores_from_averages(*arrays, out[name])
+        return out
+
+    def _betas(self, dtype: np.dtype) -> np.ndarray:
+        """[beta1, 1 - beta1, beta2, 1 - beta2] in `dtype`, each rounded from the Python float."""
+        beta1, beta2 = float(self.beta1), float(self.beta2)
+        return np.array([beta1, 1 - beta1, beta2, 1 - beta2], dtype=dtype)
+
+    def _arrays(self, name: str, part: str, p: np.ndarray) -> tuple[Array, Array, Array, Array]:
+        """(exp_avg_ipt, exp_avg_unc) of the state, and the two arrays this step writes their new
+        values into: the other pair of the two this tensor alternates between, never the state's own."""
+        current = self.state.get(name, {}).get(part)
+        if current is None:
+            avg, unc = np.zeros(p.shape, p.dtype), np.zeros(p.shape, p.dtype)  # the state before the first step
+        else:
+            avg, unc = current.exp_avg_ipt, current.exp_avg_unc
+            for what, x in (("exp_avg_ipt", avg), ("exp_avg_unc", unc)):
+                x = _numpy(name, part, x)
+                if x.shape != p.shape or x.dtype != p.dtype:
+                    raise FusedPathError(
+                        f"the {what} of {name}.{part} is {x.dtype} {x.shape}, the tensor {p.dtype} {p.shape}"
+                    )
+        spare = self._spare.get((name, part))
+        if spare is not None and avg is spare[0] and unc is spare[1]:
+            return avg, unc, spare[2], spare[3]
+        if spare is not None and avg is spare[2] and unc is spare[3]:
+            return avg, unc, spare[0], spare[1]
+        new_avg, new_unc = np.empty(p.shape, p.dtype), np.empty(p.shape, p.dtype)
+        self._spare[(name, part)] = (avg, unc, new_avg, new_unc)
+        return avg, unc, new_avg, new_unc
+
+
+def _numpy(name: str, part: str, x: Array) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        kind = f"{type(x).__module__}.{type(x).__qualname__}"
+        raise FusedPathError(
+            f"{name}.{part} is a {kind}: the fused allocator step is NumPy-only (no GPU version); "
+            "use RankAllocator, the readable path, for other array libraries"
+        )
+    return x
