@@ -2,7 +2,7 @@
 known port mistakes named (docs/SPEC.md sections 16 and 18), readable differences, strict JSON types.
 
 Each wrong port is the reference with one mistake patched in (the nine of tests/test_conformance.py
-and four more), its outputs computed on every bundled case and judged: its own mistake must be
+and five more), its outputs computed on every bundled case and judged: its own mistake must be
 named, and no other. The correct ports (the reference; the golden expected values written as a
 port) must name none."""
 
@@ -63,6 +63,14 @@ def betas_as_float32(state, ipt, beta1, beta2):
     real_update_importance(state, ipt, float(np.float32(beta1)), float(np.float32(beta2)))
 
 
+real_update_and_allocate = model_module.AdaLoraModel.update_and_allocate
+
+
+def steps_from_0(self, global_step, *args, **kwargs):
+    """A 0-based loop counter passed as the step: every call one less than peft's."""
+    return real_update_and_allocate(self, max(global_step - 1, 0), *args, **kwargs)
+
+
 class AdamWFloat32Lr(AdamW):
     def __init__(self, lr: float, **kwargs: Any) -> None:
         super().__init__(lr=float(np.float32(lr)), **kwargs)
@@ -113,6 +121,12 @@ PORTS: list[tuple[str, list[Patch], str, str]] = [
         [(allocator_module, "update_importance", betas_as_float32), (reference, "AdamW", AdamWFloat32Lr)],
         "allocator/phases_64",
         "exp_avg_ipt",
+    ),
+    (
+        "steps counted from 0 (one step late)",
+        [(model_module.AdaLoraModel, "update_and_allocate", steps_from_0)],
+        "allocator/phases_64",
+        "budget",
     ),
 ]
 

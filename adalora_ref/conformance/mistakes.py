@@ -324,14 +324,17 @@ def keep_top_by_count(ev: Evidence) -> bool:
 
 
 def e_never_zeroed(ev: Evidence) -> bool:
-    """At a masking step, E rows the port's own pattern prunes are still nonzero."""
-    return any(ev.failed(q) for q in E_AFTER) and _unzeroed_masking_step(ev) is not None
+    """At a masking step, E rows the port's own pattern prunes are still nonzero (and not because the
+    port masks one step late: a port that counts from 0 zeroes its rows at the step after peft's)."""
+    return any(ev.failed(q) for q in E_AFTER) and _unzeroed_masking_step(ev) is not None and not steps_from_0(ev)
 
 
 def no_final_masking(ev: Evidence) -> bool:
     """E zeroed at every masking step, but past total_step - tfinal rows the stored pattern prunes come back."""
     s = _schedule(ev.case)
     if s is None or not any(ev.failed(q) for q in E_AFTER) or _unzeroed_masking_step(ev) is not None:
+        return False
+    if steps_from_0(ev):
         return False
     final = _final(s)
     pattern = _pattern(ev, final)
@@ -384,6 +387,22 @@ def float32_constants(ev: Evidence) -> bool:
     return avg is not None and ev.agrees(unc, b2 * prev_unc + (1 - b2) * np.abs(ipt - avg), EXACTLY)
 
 
+def steps_from_0(ev: Evidence) -> bool:
+    """The step passed to the schedule one less than peft's (a 0-based loop counter passed as is):
+    some budget fails, and at every checked step s the port's budget is peft's schedule at s - 1."""
+    s = _schedule(ev.case)
+    if s is None or not ev.failed("budget"):
+        return False
+    checks = [c for c in ev.case.checks if c.quantity == "budget" and c.step is not None]
+    for check in checks:
+        budget = ev.value(check.key)
+        if not isinstance(budget, int) or isinstance(budget, bool):
+            return False
+        if budget != budget_schedule(max(check.step - 1, 0), **s)[0]:
+            return False
+    return True
+
+
 @dataclass(frozen=True)
 class Mistake:
     name: str
@@ -423,6 +442,7 @@ MISTAKES = (
         ranknum_follows_mask,
     ),
     Mistake("float32-rounded constants in a float64 case", "18.13", ("allocator", "trajectory"), (), float32_constants),
+    Mistake("steps counted from 0 (one step late)", "18.14", ("allocator", "trajectory"), ("budget",), steps_from_0),
 )
 
 
