@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 UNKNOWN = "unknown"
 
 
@@ -151,11 +153,12 @@ class Library:
 
     @property
     def text(self) -> str:
-        details = [d for d in (self.threading_layer, f"{self.num_threads} threads") if d is not None]
+        threads = None if self.num_threads is None else f"{self.num_threads} threads"
+        details = [d for d in (self.threading_layer, threads) if d is not None]
         if self.architecture is not None:
             details.append(f"kernel {self.architecture}")
         version = "" if self.version is None else f" {self.version}"
-        return f"{self.internal_api}{version} ({', '.join(details)})"
+        return f"{self.internal_api}{version}" + (f" ({', '.join(details)})" if details else "")
 
 
 def loaded_libraries() -> list[Library] | str:
@@ -192,8 +195,6 @@ def _inside(filepath: str, folders: list[Path]) -> bool:
 def numpy_blas(libraries: list[Library] | str) -> dict[str, Any]:
     """NumPy's BLAS: the BLAS libraries of `libraries` in NumPy's folders, or, where NumPy links a
     BLAS outside them (a distribution's NumPy), every BLAS loaded; `unknown` says why it is not known."""
-    import numpy as np
-
     if isinstance(libraries, str):
         return {"libraries": [], "unknown": libraries}
     blas = [lib for lib in libraries if lib.user_api == "blas"]
