@@ -271,7 +271,7 @@ class BlasEnvironment:
 
     @property
     def text(self) -> str:
-        """One line for the sides ("BLAS: NumPy ...; torch ..."), then one "Warning:" line a pin."""
+        """One line for the sides ("BLAS: NumPy ...; torch ..."), then one "Warning:" line per pinned variable."""
         parts = [f"NumPy {_numpy_text(self.numpy)}"]
         if self.torch is not None:
             parts.append(f"torch {_torch_text(self.torch)}")
