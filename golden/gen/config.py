@@ -59,20 +59,30 @@ def cases() -> Generated:
     yield gen_config(700), {}
 
 
+def saved_fields(
+    kwargs: dict[str, Any], fields: list[str], refusals: tuple[type[Exception], ...] = (ValueError,)
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The `fields` of the adapter_config.json peft writes for AdaLoraConfig(**kwargs) (a set-valued
+    target_modules sorted), or None and peft's message when it refuses the config with `refusals`."""
+    try:
+        config = peft.AdaLoraConfig(**kwargs)
+    except refusals as err:
+        return None, str(err)
+    saved = config.to_dict()
+    fields_saved = {k: sorted(v) if isinstance(v, set) else v for k, v in saved.items() if k in fields}
+    fields_saved["peft_type"] = str(saved["peft_type"].value)
+    return fields_saved, None
+
+
 def gen_config(seed: int) -> Case:
     entries = []
     for kwargs in CONFIG_ENTRIES:
         entry: dict[str, Any] = {"kwargs": kwargs, "compare_fields": COMPARE_FIELDS}
-        try:
-            config = peft.AdaLoraConfig(**kwargs)
-        except ValueError as err:
-            entry["peft_error"] = str(err)
+        saved, error = saved_fields(kwargs, COMPARE_FIELDS)
+        if error is None:
+            entry["adapter_config"] = saved
         else:
-            saved = config.to_dict()
-            entry["adapter_config"] = {
-                k: sorted(v) if isinstance(v, set) else v for k, v in saved.items() if k in COMPARE_FIELDS
-            }
-            entry["adapter_config"]["peft_type"] = str(saved["peft_type"].value)
+            entry["peft_error"] = error
         entries.append(entry)
     c = case(
         "config",

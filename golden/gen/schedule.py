@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from adalora_ref.conformance.case import Case
 
 from .common import Generated, Stack, adalora, case, exact, record
@@ -37,22 +40,29 @@ def gen_schedule(spec: tuple, seed: int) -> Case:
         "steps": steps,
     }
     c = case("schedule", name, "float64", f"budget schedule: {name}", config, seed)
-    layers = [(f"l{i}", 4, 4) for i in range(len(ranks))]
-    model = adalora(
+    record_schedule(c)
+    return c
+
+
+def record_schedule(c: Case, build: Callable[..., Any] = adalora) -> None:
+    """peft's budgets and mask flags at the steps of `c.config` (its layers all of rank layer_ranks[0]);
+    `build` makes the peft model (ports/peft/driver.py passes its own, for older releases)."""
+    config = c.config
+    layers = [(f"l{i}", 4, 4) for i in range(len(config["layer_ranks"]))]
+    model = build(
         Stack(layers),
         target_modules=[n for n, _, _ in layers],
-        init_r=ranks[0],
-        target_r=target_r,
-        tinit=tinit,
-        tfinal=tfinal,
-        total_step=total_step,
-        deltaT=delta,
+        init_r=config["layer_ranks"][0],
+        target_r=config["target_r"],
+        tinit=config["tinit"],
+        tfinal=config["tfinal"],
+        total_step=config["total_step"],
+        deltaT=config["deltaT"],
     )
     allocator = model.base_model.rankallocator
     record(c, exact("init_bgt", "initial budget"), allocator.init_bgt)
     record(c, exact("target_bgt", "target budget"), allocator.target_bgt)
-    for step in steps:
+    for step in config["steps"]:
         budget, mask = allocator.budget_schedule(step)
         record(c, exact(f"step{step}.budget", "budget", step=step), budget)
         record(c, exact(f"step{step}.mask", "mask flag", step=step), bool(mask))
-    return c

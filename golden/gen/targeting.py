@@ -77,12 +77,12 @@ def module_tree(names: list[str]) -> torch.nn.Module:
     return root
 
 
-def peft_targets(kwargs: dict[str, Any]) -> tuple[list[str], str | None]:
-    """The Linear names peft adapts under `kwargs` (sorted), and its error when it adapts none."""
+def peft_targets(kwargs: dict[str, Any], modules: list[str] = MODULES) -> tuple[list[str], str | None]:
+    """The Linear names (of `modules`) peft adapts under `kwargs` (sorted), and its error when it adapts none."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            model = peft.get_peft_model(module_tree(MODULES), peft.AdaLoraConfig(**copy.deepcopy(kwargs)))
+            model = peft.get_peft_model(module_tree(modules), peft.AdaLoraConfig(**copy.deepcopy(kwargs)))
         except ValueError as err:
             if "not found" not in str(err) and "No modules" not in str(err):
                 raise
