@@ -13,10 +13,13 @@ triplet score s_E[i] + (mean_j s_A[i, j] + mean_k s_B[k, i]) from the new averag
 
 The averages are bitwise those of allocator.update_importance: the same operations in the same order,
 in the arrays' dtype (the constants come in as an array of that dtype: a Python float would make numba
-compute in float64), and no fastmath (no reassociation, no fused multiply-add). The sums of the scores
-run in another order than NumPy's BLAS call, as any reduction may: in float64 accumulators, with the
-rounding error of each addition carried along (TwoSum) when the arrays are float64, so that a mean is
-within an ulp or so of the exact mean of the element scores.
+compute in float64), and no fastmath (no reassociation, no fused multiply-add).
+
+The sums of the element scores run in another order than NumPy's BLAS call, as any reduction may, and
+are more exact: float32 scores are summed in float64, reassociated by the compiler into vector lanes
+(fastmath's `reassoc` alone, on the sums alone: each element score is still the product rounded in
+float32), which leaves a float32 mean within an ulp of the exact one; float64 scores are summed with
+the rounding error of every addition carried along (TwoSum, no fastmath), in lanes of fixed width.
 """
 
 from __future__ import annotations
@@ -27,10 +30,6 @@ import numpy as np
 from numba import njit
 
 Array = np.ndarray
-
-LANES = 8
-"""Partial sums per row of lora_A: j = 0, 8, 16, ... go to lane 0, j = 1, 9, ... to lane 1, so that the
-additions of one row do not wait for each other. A fixed number: the sums do not depend on the CPU."""
 
 
 @njit(fastmath=False, cache=True)
@@ -53,51 +52,73 @@ def update_averages(
         new_unc[k] = unc[k] * beta2 + abs(x - a) * one_minus_beta2  # deviation *= 1 - beta2; unc *= beta2; +=
 
 
+LANES = 8
+"""Partial sums per row of a float64 lora_A: j = 0, 8, 16, ... go to lane 0, j = 1, 9, ... to lane 1,
+so that the additions of one row need not wait for each other."""
+
+
+@njit(fastmath={"reassoc"}, cache=True)
+def wide_row_sums(avg: Array, unc: Array, out: Array) -> None:
+    """out[i] = sum_j avg[i, j] * unc[i, j], each product rounded in the arrays' dtype, summed in float64."""
+    for i in range(avg.shape[0]):
+        a, u = avg[i], unc[i]
+        total = 0.0
+        for j in range(a.size):
+            total += np.float64(a[j] * u[j])
+        out[i] = total
+
+
+@njit(fastmath={"reassoc"}, cache=True)
+def wide_column_sums(avg: Array, unc: Array, out: Array) -> None:
+    """out[c] = sum_k avg[k, c] * unc[k, c], each product rounded in the arrays' dtype, summed in float64."""
+    totals = np.zeros(avg.shape[1])
+    for k in range(avg.shape[0]):
+        a, u = avg[k], unc[k]
+        for c in range(a.size):
+            totals[c] += np.float64(a[c] * u[c])
+    out[:] = totals
+
+
 @njit(fastmath=False, cache=True, inline="always")
-def _add(sums: Array, errors: Array, k: int, value: float, compensated: bool) -> None:
-    """sums[k] += value; with `compensated`, errors[k] collects what that addition rounded off (TwoSum)."""
-    if compensated:
-        total = sums[k] + value
-        back = total - sums[k]
-        errors[k] += (sums[k] - (total - back)) + (value - back)
-        sums[k] = total
-    else:
-        sums[k] += value
+def _two_sum(sums: Array, errors: Array, k: int, value: float) -> None:
+    """sums[k] += value, and errors[k] += what that addition rounded off, exactly (Knuth's TwoSum)."""
+    total = sums[k] + value
+    back = total - sums[k]
+    errors[k] += (sums[k] - (total - back)) + (value - back)
+    sums[k] = total
 
 
 @njit(fastmath=False, cache=True)
-def row_sums(avg: Array, unc: Array, out: Array, compensated: bool) -> None:
-    """out[i] = sum_j avg[i, j] * unc[i, j] (each product rounded in the arrays' dtype), in float64."""
+def compensated_row_sums(avg: Array, unc: Array, out: Array) -> None:
+    """out[i] = sum_j avg[i, j] * unc[i, j] (float64), the rounding errors of the additions added back."""
     rows, n = avg.shape
     full = n - n % LANES
-    lanes, errors = np.zeros((rows, LANES)), np.zeros((rows, LANES))
-    for i in range(rows):
-        a, u, lane, error = avg[i], unc[i], lanes[i], errors[i]
-        for j0 in range(0, full, LANES):
-            for lane_k in range(LANES):
-                _add(lane, error, lane_k, np.float64(a[j0 + lane_k] * u[j0 + lane_k]), compensated)
+    lanes, errors = np.zeros(LANES), np.zeros(LANES)
     total, error = np.zeros(1), np.zeros(1)
     for i in range(rows):
-        total[0], error[0] = 0.0, 0.0
-        for lane_k in range(LANES):
-            _add(total, error, 0, lanes[i, lane_k], compensated)
-            error[0] += errors[i, lane_k]
+        a, u = avg[i], unc[i]
+        lanes[:], errors[:] = 0.0, 0.0
+        for j0 in range(0, full, LANES):
+            for lane in range(LANES):
+                _two_sum(lanes, errors, lane, a[j0 + lane] * u[j0 + lane])
+        total[0], error[0] = 0.0, errors.sum()
+        for lane in range(LANES):
+            _two_sum(total, error, 0, lanes[lane])
         for j in range(full, n):
-            _add(total, error, 0, np.float64(avg[i, j] * unc[i, j]), compensated)
+            _two_sum(total, error, 0, a[j] * u[j])
         out[i] = total[0] + error[0]
 
 
 @njit(fastmath=False, cache=True)
-def column_sums(avg: Array, unc: Array, out: Array, compensated: bool) -> None:
-    """out[c] = sum_k avg[k, c] * unc[k, c] (each product rounded in the arrays' dtype), in float64."""
-    n, cols = avg.shape
-    errors = np.zeros(cols)
+def compensated_column_sums(avg: Array, unc: Array, out: Array) -> None:
+    """out[c] = sum_k avg[k, c] * unc[k, c] (float64), the rounding errors of the additions added back."""
+    errors = np.zeros(avg.shape[1])
     out[:] = 0.0
-    for k in range(n):
-        for c in range(cols):
-            _add(out, errors, c, np.float64(avg[k, c] * unc[k, c]), compensated)
-    for c in range(cols):
-        out[c] += errors[c]
+    for k in range(avg.shape[0]):
+        a, u = avg[k], unc[k]
+        for c in range(a.size):
+            _two_sum(out, errors, c, a[c] * u[c])
+    out += errors
 
 
 @njit(fastmath=False, cache=True)
@@ -106,11 +127,15 @@ def scores_from_averages(
 ) -> bool:
     """score[i] = s_E[i] + (mean_j s_A[i, j] + mean_k s_B[k, i]) in the arrays' dtype; True when all finite."""
     r = score.size
-    compensated = score.itemsize == 8  # float64: carry the rounding errors; float32: float64 sums suffice
-    sum_A, sum_E, sum_B = np.empty(r), np.empty(r), np.empty(r)
-    row_sums(avg_A, unc_A, sum_A, compensated)
-    row_sums(avg_E, unc_E, sum_E, compensated)  # one element a row: the element score itself, exactly
-    column_sums(avg_B, unc_B, sum_B, compensated)
+    sum_A, sum_E, sum_B = np.empty(r), np.empty(r), np.empty(r)  # float64
+    if score.itemsize == 8:
+        compensated_row_sums(avg_A, unc_A, sum_A)
+        compensated_row_sums(avg_E, unc_E, sum_E)  # one element a row: the element score itself, exactly
+        compensated_column_sums(avg_B, unc_B, sum_B)
+    else:
+        wide_row_sums(avg_A, unc_A, sum_A)
+        wide_row_sums(avg_E, unc_E, sum_E)
+        wide_column_sums(avg_B, unc_B, sum_B)
     mean_A, mean_B, widths = np.empty_like(score), np.empty_like(score), np.empty(2, score.dtype)
     widths[0], widths[1] = avg_A.shape[1], avg_B.shape[0]
     finite = True

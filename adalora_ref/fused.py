@@ -40,6 +40,7 @@ from .allocator import PARTS, ImportanceState, RankAllocator, _largest_finite
 from .layer import SVDTriplet, TripletGrads
 
 Array = Any
+Pair = tuple[np.ndarray, np.ndarray]  # (exp_avg_ipt, exp_avg_unc) of one tensor
 
 INSTALL_HINT = "pip install 'adalora-ref[fast]' (numba >= 0.60)"
 
@@ -60,14 +61,16 @@ class FusedRankAllocator(RankAllocator):
     """RankAllocator whose importance step and scores run as one compiled loop per triplet (NumPy only)."""
 
     def __init__(self, layers: Mapping[str, int], **schedule: Any) -> None:
-        self._kernels = _kernels()  # refuse a missing numba up front, not at the first step
+        """The arguments of RankAllocator. ImportError, with the install command, when numba is missing."""
+        self._kernels = _kernels()  # refused up front, not at the first step
         super().__init__(layers, **schedule)
-        self._spare: dict[tuple[str, str], tuple[Array, Array, Array, Array]] = {}
-        self._scored: tuple[object, dict[str, Array]] | None = None  # (the state, its triplet scores)
+        self._pairs: dict[tuple[str, str], tuple[Pair, Pair]] = {}  # the two pairs each tensor alternates between
+        self._betas: dict[np.dtype, np.ndarray] = {}  # dtype -> [beta1, 1 - beta1, beta2, 1 - beta2]
+        self._scored: tuple[object, dict[str, Array]] | None = None  # (a state, its triplet scores)
 
     def reset_ipt(self) -> None:
         super().reset_ipt()
-        self._spare, self._scored = {}, None
+        self._pairs, self._scored = {}, None
 
     def update_ipt(
         self, params: Mapping[str, SVDTriplet], grads: Mapping[str, TripletGrads], *, masking_follows: bool = False
@@ -81,17 +84,17 @@ class FusedRankAllocator(RankAllocator):
         new_state: dict[str, dict[str, ImportanceState]] = {}
         scores: dict[str, Array] = {}
         for name, r in self.layer_ranks.items():
-            triplet, triplet_grads = params[name], grads[name]
+            triplet, triplet_grads, old = params[name], grads[name], self.state.get(name, {})
             args: list[Array] = []
             layer_state = new_state[name] = {}
             for part in PARTS:
                 p, g = _numpy(name, part, getattr(triplet, part)), _numpy(name, part, getattr(triplet_grads, part))
-                avg, unc, new_avg, new_unc = self._arrays(name, part, p)
+                (avg, unc), (new_avg, new_unc) = self._pair_now_and_next(name, part, p, old.get(part))
                 ipt = np.empty(p.shape, p.dtype)
                 args += [p, g, avg, unc, ipt, new_avg, new_unc]
                 layer_state[part] = ImportanceState(ipt, new_avg, new_unc)
-            score = np.empty(r, triplet.lora_A.dtype)
-            if not self._kernels.triplet_step(*args, self._betas(score.dtype), score):
+            score = np.empty(r, p.dtype)
+            if not self._kernels.triplet_step(*args, self._betas_in(p.dtype), score):
                 ipts = {name: {part: s.ipt for part, s in layer_state.items()}}
                 _largest_finite(ipts, {name: triplet}, {name: triplet_grads})  # raises, naming the tensor
                 # every ipt is finite: the score overflows, which masking refuses (as for the readable path)
@@ -118,33 +121,37 @@ class FusedRankAllocator(RankAllocator):
             self._kernels.scores_from_averages(*arrays, out[name])
         return out
 
-    def _betas(self, dtype: np.dtype) -> np.ndarray:
-        """[beta1, 1 - beta1, beta2, 1 - beta2] in `dtype`, each rounded from the Python float."""
-        beta1, beta2 = float(self.beta1), float(self.beta2)
-        return np.array([beta1, 1 - beta1, beta2, 1 - beta2], dtype=dtype)
+    def _betas_in(self, dtype: np.dtype) -> np.ndarray:
+        """[beta1, 1 - beta1, beta2, 1 - beta2] in `dtype`, each rounded from the Python float, as
+        NumPy rounds `(1 - beta1) * ipt` against an array of that dtype."""
+        if dtype not in self._betas:
+            beta1, beta2 = float(self.beta1), float(self.beta2)
+            self._betas[dtype] = np.array([beta1, 1 - beta1, beta2, 1 - beta2], dtype=dtype)
+        return self._betas[dtype]
 
-    def _arrays(self, name: str, part: str, p: np.ndarray) -> tuple[Array, Array, Array, Array]:
-        """(exp_avg_ipt, exp_avg_unc) of the state, and the two arrays this step writes their new
-        values into: the other pair of the two this tensor alternates between, never the state's own."""
-        current = self.state.get(name, {}).get(part)
-        if current is None:
-            avg, unc = np.zeros(p.shape, p.dtype), np.zeros(p.shape, p.dtype)  # the state before the first step
-        else:
-            avg, unc = current.exp_avg_ipt, current.exp_avg_unc
-            for what, x in (("exp_avg_ipt", avg), ("exp_avg_unc", unc)):
-                x = _numpy(name, part, x)
+    def _pair_now_and_next(
+        self, name: str, part: str, p: np.ndarray, current: ImportanceState | None
+    ) -> tuple[Pair, Pair]:
+        """((exp_avg_ipt, exp_avg_unc) of the state, the pair this step writes their new values into):
+        of the two pairs the tensor alternates between, the one the state does not hold."""
+        pairs = self._pairs.get((name, part))
+        if current is not None and pairs is not None:
+            now = (current.exp_avg_ipt, current.exp_avg_unc)
+            for this, other in (pairs, pairs[::-1]):
+                if now[0] is this[0] and now[1] is this[1] and this[0].shape == p.shape and this[0].dtype == p.dtype:
+                    return this, other
+        if current is None:  # the state before the first step
+            now = (np.zeros(p.shape, p.dtype), np.zeros(p.shape, p.dtype))
+        else:  # a state the allocator did not make: checked, as the loop trusts its shapes
+            now = (_numpy(name, part, current.exp_avg_ipt), _numpy(name, part, current.exp_avg_unc))
+            for what, x in zip(("exp_avg_ipt", "exp_avg_unc"), now, strict=True):
                 if x.shape != p.shape or x.dtype != p.dtype:
                     raise FusedPathError(
                         f"the {what} of {name}.{part} is {x.dtype} {x.shape}, the tensor {p.dtype} {p.shape}"
                     )
-        spare = self._spare.get((name, part))
-        if spare is not None and avg is spare[0] and unc is spare[1]:
-            return avg, unc, spare[2], spare[3]
-        if spare is not None and avg is spare[2] and unc is spare[3]:
-            return avg, unc, spare[0], spare[1]
-        new_avg, new_unc = np.empty(p.shape, p.dtype), np.empty(p.shape, p.dtype)
-        self._spare[(name, part)] = (avg, unc, new_avg, new_unc)
-        return avg, unc, new_avg, new_unc
+        following = (np.empty(p.shape, p.dtype), np.empty(p.shape, p.dtype))
+        self._pairs[(name, part)] = (now, following)
+        return now, following
 
 
 def _numpy(name: str, part: str, x: Array) -> np.ndarray:

@@ -406,3 +406,10 @@ def test_the_benchmark_workload_gives_the_same_numbers_on_both_paths(dtype_name:
     assert ours.keys() == theirs.keys()
     for key, value in theirs.items():
         assert np.array_equal(ours[key], value), key
+
+
+def test_the_fused_step_holds_no_more_memory_from_step_to_step() -> None:
+    setup = bench.make_setup("numpy", "float32", with_peft=False)
+    workload = bench.allocator_workload(setup, bench.SIZES["small"], fused=True)
+    growth = bench.memory_growth(setup, workload.ours, workload.name, 40)
+    assert growth is not None and not growth.grows, growth
