@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -27,6 +28,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -37,6 +39,7 @@ from adalora_ref.conformance.case import Case, case_ids, read_case, read_manifes
 from adalora_ref.conformance.port import PORT_JSON, write_port_outputs  # noqa: E402
 
 LOG = "driver_log.json"
+FORK = multiprocessing.get_context("fork")
 DEFAULT_CASES = REPO / "golden" / "cases"
 
 
@@ -123,7 +126,39 @@ def child(cases: Path, out: Path, case_id: str, timeout: float) -> tuple[str, st
     return case_id, f"exit {done.returncode}: {lines[-1] if lines else 'no message'}", seconds
 
 
-def in_process(cases: Path, out: Path, case_id: str) -> tuple[str, str | None, float]:
+def _forked_case(cases: Path, out: Path, case_id: str, report: Any) -> None:
+    """The body of a forked case process: run the case, send None or its error line, exit 0 or 1."""
+    try:
+        drive_one(cases, out, case_id)
+    except BaseException as err:
+        report.send(f"{type(err).__name__}: {err}".splitlines()[0])
+        sys.stderr.flush()
+        os._exit(1)
+    report.send(None)
+    os._exit(0)
+
+
+def forked(cases: Path, out: Path, case_id: str, timeout: float) -> tuple[str, str | None, float]:
+    """Run one case in a process forked from this one (torch and peft already imported, so a case
+    costs no interpreter start): a crash, an exception or a timeout costs this case only."""
+    start = time.perf_counter()
+    receive, send = FORK.Pipe(duplex=False)
+    process = FORK.Process(target=_forked_case, args=(cases, out, case_id, send))
+    process.start()
+    send.close()
+    process.join(timeout)
+    if process.is_alive():
+        process.kill()
+        process.join()
+        return case_id, f"timed out after {timeout:.0f} s", time.perf_counter() - start
+    message = receive.recv() if receive.poll() else None
+    seconds = time.perf_counter() - start
+    if process.exitcode == 0:
+        return case_id, None, seconds
+    return case_id, f"exit {process.exitcode}: {message or 'no message (the process died)'}", seconds
+
+
+def in_process(cases: Path, out: Path, case_id: str, timeout: float) -> tuple[str, str | None, float]:
     """Run one case in this process: an exception costs this case only (a crash would cost the run)."""
     start = time.perf_counter()
     try:
@@ -133,13 +168,16 @@ def in_process(cases: Path, out: Path, case_id: str) -> tuple[str, str | None, f
     return case_id, None, time.perf_counter() - start
 
 
-def drive_all(
-    cases: Path, out: Path, selected: list[str] | None, jobs: int, timeout: float, *, one_process: bool = False
-) -> int:
-    """Every case (or those `selected`) in its own process, `jobs` at a time (`one_process`: all in
-    this one, for a quick control run); port.json and the log."""
+ISOLATION = {"fork": forked, "spawn": child, "none": in_process}
+
+
+def drive_all(cases: Path, out: Path, selected: list[str] | None, jobs: int, timeout: float, isolation: str) -> int:
+    """Every case (or those `selected`), each in its own process (`isolation` fork or spawn), `jobs`
+    at a time, or all in this one (`none`); then port.json and the log."""
+    import layers  # noqa: F401  (torch and peft imported once, before any fork)
     import peft
     import torch
+    import training  # noqa: F401
 
     read_manifest(cases)
     ids = case_ids(cases)
@@ -148,11 +186,9 @@ def drive_all(
     write_atomically(out / PORT_JSON, (json.dumps({"unsupported": declared}, indent=1) + "\n").encode())
     todo = [i for i in (selected or ids) if i not in declared]
     start = time.perf_counter()
-    if one_process:
-        results = [in_process(cases, out, i) for i in todo]
-    else:
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            results = list(pool.map(lambda i: child(cases, out, i, timeout), todo))
+    run = ISOLATION[isolation]
+    with ThreadPoolExecutor(max_workers=jobs if isolation != "none" else 1) as pool:
+        results = list(pool.map(lambda i: run(cases, out, i, timeout), todo))
     failed = {case_id: why for case_id, why, _ in results if why is not None}
     for case_id, why in failed.items():
         print(f"driver: {case_id}: no outputs ({why})", file=sys.stderr)
@@ -183,14 +219,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="cases run at once (default 2)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds one case may take (default 600)")
     parser.add_argument(
-        "--in-process", action="store_true", help="run every case in this process (quicker; a crash ends the run)"
+        "--isolation",
+        choices=sorted(ISOLATION),
+        default="fork",
+        help="each case in a process forked from this one (default), in a fresh interpreter (spawn), "
+        "or all in this process (none: a crash ends the run)",
     )
     args = parser.parse_args(argv)
     if args.case is not None:
         drive_one(args.cases, args.out, args.case)
         return 0
     os.environ.setdefault("PYTHONHASHSEED", "0")
-    return drive_all(args.cases, args.out, args.only, max(1, args.jobs), args.timeout, one_process=args.in_process)
+    return drive_all(args.cases, args.out, args.only, max(1, args.jobs), args.timeout, args.isolation)
 
 
 if __name__ == "__main__":
