@@ -14,9 +14,11 @@ p, grad and the averages once and write ipt and the averages once, the least mem
 What is the same as the readable path, and what is not:
 - ipt, exp_avg_ipt and exp_avg_unc are bitwise equal (tests/test_fused.py): the same operations in
   the same order in the arrays' dtype, without fastmath. beta1 and beta2 enter as the dtype's values
-  of the Python floats beta and 1 - beta, as NumPy rounds them against a float32 or float64 array.
+  of the Python floats beta and 1 - beta, as NumPy rounds them against a float32 or float64 array
+  (betas given as Python floats, as AdaLoraConfig keeps them: a NumPy float64 beta makes NumPy
+  compute the readable path's float32 averages in float64, which this path does not copy).
 - The triplet scores are sums in another order (as NumPy's BLAS call is): they agree to rounding,
-  and are within a few ulps of the exact mean of the same element scores.
+  and are within a few ulps of the exact mean of the same element scores (1e-15 relative in float64).
 - All or nothing, as update_ipt: the step writes the new averages into a second pair of arrays and
   the state switches to them only once every triplet is done and every ipt found finite. So nothing
   is ever written in place, no copy is needed before a masking step (`masking_follows` has nothing
@@ -25,8 +27,10 @@ What is the same as the readable path, and what is not:
   pairs of arrays (copy an array to keep its value, as with the readable path).
 - The triplet scores of a step come out of the same loop; `scores()` returns them while the state is
   the one they were computed from, and otherwise computes them from the state.
-- NumPy arrays only: another library's arrays (array_api_strict, torch, cupy) are refused with a
-  TypeError. There is no GPU version.
+- NumPy arrays only: another library's arrays (array_api_strict, torch, cupy) are refused with
+  FusedPathError, a TypeError. There is no GPU version.
+
+Timings: bench/README.md, "The fused allocator step".
 """
 
 from __future__ import annotations
