@@ -132,8 +132,11 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as err:
                 failures.append(str(err))
         conform(cases, None, cache / "reports" / "reference.json")
-    rows = [Row(f"peft {v}", cache / "reports" / f"peft-{v}.json", cache / f"peft-{v}") for v in RELEASES]
-    rows.append(Row("loralib (authors)", cache / "reports" / "loralib.json", None))
+    rows = [
+        Row(f"peft {v}", cache / "reports" / f"peft-{v}.json", cache / f"peft-{v}", cache / "out" / f"peft-{v}")
+        for v in RELEASES
+    ]
+    rows.append(Row("loralib (authors)", cache / "reports" / "loralib.json", None, cache / "out" / "loralib"))
     rows.append(Row("adalora-ref (reference)", cache / "reports" / "reference.json", None))
     command = "python ports/build.py" + ("" if args.loralib is None else f" --loralib {args.loralib}")
     command += "".join(f" --release {v}" for v in args.release or [])

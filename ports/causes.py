@@ -24,7 +24,151 @@ class Cause:
     other_files: tuple[str, ...] = field(default=())  # where the file moved in other releases
 
 
-CAUSES: list[Cause] = []
+def _rows(*versions: str) -> tuple[str, ...]:
+    return tuple(f"peft {v}" for v in versions)
+
+
+ADALORA_PY = "peft/tuners/adalora.py"  # 0.4, 0.5: AdaLoRA in one module
+CAUSES: list[Cause] = [
+    Cause(
+        "dropout_zero_crash",
+        "no layer without dropout can be built",
+        _rows("0.4.0"),
+        ("*",),
+        r"is not a Module subclass",
+        ADALORA_PY,
+        "self.lora_dropout.update(nn.ModuleDict({adapter_name: lora_dropout_layer}))",
+        "self.lora_dropout.update(nn.ModuleDict({adapter_name: lora_dropout_layer}))",
+        "With lora_dropout 0 the dropout is a plain function (`def lora_dropout_layer(x): return x`, a few "
+        "lines above), which torch.nn.ModuleDict refuses: every case without dropout raises while peft builds "
+        "its layers. 0.5.0 makes it `nn.Identity()`.",
+    ),
+    Cause(
+        "unmerge_transpose",
+        "unmerge raises",
+        _rows("0.4.0", "0.5.0"),
+        ("layer/*",),
+        r"transpose\(\) missing",
+        ADALORA_PY,
+        "self.weight.data -= (",
+        "self.weight.data -= (transpose(self.lora_B @ (self.lora_A * self.lora_E)) * ...)",
+        "SVDLinear.unmerge calls `transpose` without its `fan_in_fan_out` argument (merge, just above, "
+        "passes it), so every unmerge raises TypeError; 0.6 passes it.",
+    ),
+    Cause(
+        "E_init_normal",
+        "E starts random, not at zero",
+        _rows("0.5.0", "0.6.2", "0.9.0"),
+        ("init/default",),
+        r"initial lora_E differs",
+        "peft/tuners/adalora/layer.py",
+        "nn.init.normal_(self.lora_E[adapter_name], mean=0.0, std=0.02)",
+        "nn.init.normal_(self.lora_E[adapter_name], mean=0.0, std=0.02)",
+        "reset_lora_parameters draws E from N(0, 0.02) like A and B, so the adapted model does not start "
+        "equal to the base model; from 0.12 (and in 0.21.2) it is `nn.init.zeros_(self.lora_E[...])`.",
+        (ADALORA_PY,),
+    ),
+    Cause(
+        "r_zero_refused",
+        "r = 0 refused",
+        _rows("0.9.0"),
+        ("*",),
+        r"should be a positive integer value",
+        "peft/tuners/adalora/layer.py",
+        "should be a positive integer value but the value passed is",
+        'if r <= 0: raise ValueError(f"`r` should be a positive integer value ...")',
+        "update_layer refuses a layer of rank 0 (a layer fully pruned, an adapter saved with r = 0); 0.12 on "
+        "accept it (`if r < 0`, 'a positive integer or 0').",
+    ),
+    Cause(
+        "orth_zero_refused",
+        "orth_reg_weight = 0 raises in the forward",
+        _rows("0.5.0", "0.6.2", "0.9.0", "0.12.0", "0.15.2", "0.18.1"),
+        ("trajectory/orth_zero_64",),
+        r"orth_reg_weight should be greater than 0",
+        "peft/tuners/adalora/model.py",
+        "if orth_reg_weight <= 0:",
+        'if orth_reg_weight <= 0: raise ValueError("orth_reg_weight should be greater than 0. ")',
+        "AdaLoraModel.forward refuses to run with the orthogonal term switched off (0.4.0 asserts it); "
+        "0.21.2 accepts orth_reg_weight 0 and adds nothing.",
+        (ADALORA_PY,),
+    ),
+    Cause(
+        "lora_only_not_trained",
+        'bias "lora_only" trains no bias',
+        _rows("0.9.0"),
+        ("trajectory/bias_lora_only_64",),
+        r"^loss at step 2 ",
+        "peft/tuners/lora/model.py",
+        'if isinstance(m, LoraLayer) and hasattr(m, "bias") and m.bias is not None:',
+        'if isinstance(m, LoraLayer) and hasattr(m, "bias") and m.bias is not None: m.bias.requires_grad = True',
+        "The SVD layer has wrapped its base layer since 0.7 and has no `bias` of its own, so no bias is freed: "
+        "the loss departs at step 2, the first forward after an optimizer step. 0.12 frees the base layer's bias.",
+    ),
+    Cause(
+        "lora_only_not_saved",
+        'bias "lora_only": the trained biases are not saved',
+        _rows("0.12.0", "0.15.2", "0.18.1"),
+        ("trajectory/bias_lora_only_64",),
+        r"saved tensor of .*base_layer\.bias: missing",
+        "peft/utils/save_and_load.py",
+        'bias_name = k.split("lora_")[0] + "bias"',
+        'bias_name = k.split("lora_")[0] + "bias"; if bias_name in state_dict: ...',
+        "get_peft_model_state_dict looks for `fc1.bias` beside `fc1.lora_A.default`, but since 0.7 the bias is "
+        "`fc1.base_layer.bias`: training matches 0.21.2 to the last step, and save_pretrained leaves the trained "
+        "biases out.",
+    ),
+    Cause(
+        "target_modules_list",
+        "target_modules saved in the order given",
+        _rows("0.4.0", "0.5.0", "0.6.2", "0.9.0"),
+        ("config/*",),
+        r"target_modules\[0\]",
+        "peft/tuners/adalora/config.py",
+        "self.peft_type = PeftType.ADALORA",
+        "def __post_init__(self): self.peft_type = PeftType.ADALORA",
+        'AdaLoraConfig.__post_init__ only sets peft_type: a list target_modules stays as given (["v", "q"]) '
+        "and is saved so; from 0.12 it becomes a set, which the golden values hold sorted (SPEC 14.9). The "
+        "adapter targets the same modules either way.",
+        (ADALORA_PY,),
+    ),
+    Cause(
+        "total_step_unchecked",
+        "a config without total_step accepted",
+        _rows("0.12.0"),
+        ("config/*",),
+        r"accepted of entry 5 is true",
+        "peft/tuners/adalora/config.py",
+        "self.peft_type = PeftType.ADALORA",
+        "__post_init__: no check of total_step, tinit, tfinal or orth_reg_weight",
+        "AdaLoraConfig accepts a missing total_step (peft then fails at the first budget_schedule); 0.15 raises "
+        "`AdaLoRA does not work when total_step is None`.",
+    ),
+    Cause(
+        "orth_weight_negative_accepted",
+        "a negative orth_reg_weight accepted",
+        _rows("0.15.2", "0.18.1"),
+        ("config/*",),
+        r"accepted of entry 10 is true",
+        "peft/tuners/adalora/config.py",
+        "if self.tinit >= (self.total_step - self.tfinal):",
+        "__post_init__ checks total_step, tinit and tfinal, not orth_reg_weight",
+        "orth_reg_weight -0.1 is accepted (and the forward raises later); 0.21.2 refuses it in the config "
+        "(`if self.orth_reg_weight < 0: raise ValueError`).",
+    ),
+    Cause(
+        "layers_pattern_needs_a_dot",
+        "a layers_pattern at the start of a name is not found",
+        _rows("0.15.2", "0.18.1"),
+        ("targeting/*",),
+        r"targeted modules of entry 12 ",
+        "peft/tuners/tuners_utils.py",
+        'layer_index = re.match(rf".*\\.{pattern}\\.(\\d+)\\.", key)',
+        'layer_index = re.match(rf".*\\.{pattern}\\.(\\d+)\\.", key)',
+        "The layer index is looked for only after a dot and the pattern, so `blocks.0.q` (the pattern at the "
+        "start of the name) has no index and is not targeted; 0.21.2 also matches the pattern at the start.",
+    ),
+]
 
 
 def causes_for(row: str, case_id: str, first_line: str) -> Cause | None:

@@ -23,6 +23,7 @@ class Row:
     name: str
     report: Path  # the conform --json report
     venv: Path | None  # a release's environment (its site-packages are searched for cause lines)
+    out: Path | None = None  # the driver's output folder (its driver_log.json has each crashed case's error)
 
 
 def _load(row: Row) -> dict | None:
@@ -42,9 +43,17 @@ def _cell(results: list[dict], kind: str) -> str:
     return cell + (f" ({unsupported} unsup.)" if unsupported else "")
 
 
-def _first_line(result: dict) -> str:
-    text = result.get("first_failure") or "(no message)"
-    return text.splitlines()[0]
+def _first_line(result: dict, crashes: dict[str, str]) -> str:
+    """The runner's first failure line; for a case without outputs, the error the driver logged."""
+    text = (result.get("first_failure") or "(no message)").splitlines()[0]
+    if text.startswith("no outputs") and result["case"] in crashes:
+        return f"no outputs: the release raised {crashes[result['case']].removeprefix('exit 1: ')}"
+    return text
+
+
+def _crashes(row: Row) -> dict[str, str]:
+    log = row.out / "driver_log.json" if row.out is not None else None
+    return json.loads(log.read_text()).get("failed", {}) if log is not None and log.is_file() else {}
 
 
 def _signature(results: list[dict]) -> tuple:
@@ -124,28 +133,30 @@ def write_matrix(path: Path, rows: list[Row], command: str, *, loralib_given: bo
         if not failing:
             continue
         row = members[0][0]
+        crashes = _crashes(row)
         lines += [f"### {', '.join(m.name for m, _ in members)}: {len(failing)} cases fail", ""]
         by_cause: dict[str, list[dict]] = defaultdict(list)
         untraced = []
         for r in failing:
-            found = causes_for(row.name, r["case"], _first_line(r))
+            found = causes_for(row.name, r["case"], _first_line(r, crashes))
             if found:
                 by_cause[found.key].append(r)
             else:
                 untraced.append(r)
         for key, results in by_cause.items():
-            cause = causes_for(row.name, results[0]["case"], _first_line(results[0]))
+            first = _first_line(results[0], crashes)
+            cause = causes_for(row.name, results[0]["case"], first)
             assert cause is not None and cause.key == key
             places = sorted({_locate(cause, m.venv) for m, _ in members})
             lines += [
                 f"- **{cause.title}** ({len(results)} cases: {_short_list([r['case'] for r in results])})",
-                f"  - first failure (`{results[0]['case']}`): `{_first_line(results[0])}`",
+                f"  - first failure (`{results[0]['case']}`): `{first}`",
                 f"  - cause: `{'`, `'.join(places)}`: `{cause.quote}`. {cause.why}",
             ]
         for r in untraced:
             lines += [
                 f"- **untraced**: `{r['case']}`",
-                f"  - first failure: `{_first_line(r)}`",
+                f"  - first failure: `{_first_line(r, crashes)}`",
                 "  - why untraced: no cause in ports/causes.py matches this failure yet",
             ]
         lines.append("")

@@ -78,6 +78,12 @@ def has_multiple_active_adapters() -> bool:
     return "active_adapters" in dir(BaseTunerLayer)
 
 
+def grad_of(param: torch.Tensor) -> torch.Tensor:
+    """A parameter's gradient; torch leaves `.grad` None for one the forward did not use (0.5 skips
+    the adapter of a layer with r = 0), whose gradient is zero."""
+    return param.grad if param.grad is not None else torch.zeros_like(param)
+
+
 def delta_weight(layer: torch.nn.Module) -> torch.Tensor:
     """The adapter's delta weight: `get_delta_weight` (0.6 on); before it (0.4, 0.5) the release has no
     such function, and the delta is what its own `merge` adds to the weight (merged minus before)."""
@@ -115,15 +121,14 @@ def loadable_adapter(saved: Path, into: Path) -> Path:
 
 
 def save_adapter(model: Any) -> dict[str, torch.Tensor]:
-    """The tensors `save_pretrained` writes for "default" (adapter_model.safetensors where the release
-    writes safetensors, else its adapter_model.bin)."""
+    """The tensors `save_pretrained` writes for "default", in the release's default format:
+    adapter_model.safetensors (0.6 on) or adapter_model.bin (before; 0.5's safetensors writer refuses
+    the tied biases of bias "all" with modules_to_save)."""
     from safetensors.torch import load_file
 
     with tempfile.TemporaryDirectory() as tmp:
         parameters = inspect.signature(model.save_pretrained).parameters
         kwargs: dict[str, Any] = {"selected_adapters": ["default"]} if "selected_adapters" in parameters else {}
-        if "safe_serialization" in parameters:
-            kwargs["safe_serialization"] = True
         model.save_pretrained(tmp, **kwargs)
         files = {p.name: p for p in Path(tmp).rglob("adapter_model.*")}
         if "adapter_model.safetensors" in files:

@@ -126,12 +126,17 @@ def child(cases: Path, out: Path, case_id: str, timeout: float) -> tuple[str, st
     return case_id, f"exit {done.returncode}: {lines[-1] if lines else 'no message'}", seconds
 
 
+def error_line(err: BaseException) -> str:
+    """`Type: message` on one line (a message's lines joined, cut to 300 characters)."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"[:300]
+
+
 def _forked_case(cases: Path, out: Path, case_id: str, report: Any) -> None:
     """The body of a forked case process: run the case, send None or its error line, exit 0 or 1."""
     try:
         drive_one(cases, out, case_id)
     except BaseException as err:
-        report.send(f"{type(err).__name__}: {err}".splitlines()[0])
+        report.send(error_line(err))
         sys.stderr.flush()
         os._exit(1)
     report.send(None)
@@ -164,7 +169,7 @@ def in_process(cases: Path, out: Path, case_id: str, timeout: float) -> tuple[st
     try:
         drive_one(cases, out, case_id)
     except Exception as err:
-        return case_id, f"{type(err).__name__}: {err}".splitlines()[0], time.perf_counter() - start
+        return case_id, error_line(err), time.perf_counter() - start
     return case_id, None, time.perf_counter() - start
 
 

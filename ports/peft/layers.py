@@ -98,7 +98,7 @@ def run_layer(case: Case) -> Outputs:
     out["ranknum"] = float(layer.ranknum["default"].detach())
     out["y"], out["grad_x"] = t2n(y), t2n(x.grad)
     for part in PARTS:
-        out[f"grad_{part}"] = t2n(lora(layer, part).grad)
+        out[f"grad_{part}"] = t2n(compat.grad_of(lora(layer, part)))
     with torch.no_grad():
         out["delta_weight"] = t2n(compat.delta_weight(layer))
         layer.merge()
@@ -162,7 +162,7 @@ def run_orth(case: Case) -> Outputs:
     out: Outputs = {"value": t2n(loss)}
     for n, _, _ in layers:
         for part in ("lora_A", "lora_B"):
-            out[f"grad.{n}.{part}"] = t2n(lora(getattr(inner, n), part).grad)
+            out[f"grad.{n}.{part}"] = t2n(compat.grad_of(lora(getattr(inner, n), part)))
     return out
 
 
