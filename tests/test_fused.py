@@ -413,3 +413,28 @@ def test_the_fused_step_holds_no_more_memory_from_step_to_step() -> None:
     workload = bench.allocator_workload(setup, bench.SIZES["small"], fused=True)
     growth = bench.memory_growth(setup, workload.ours, workload.name, 40)
     assert growth is not None and not growth.grows, growth
+
+
+def test_views_read_only_arrays_and_mixed_dtypes_give_the_readable_averages() -> None:
+    """A transposed or strided view, a read-only gradient and layers of both dtypes in one allocator."""
+    rng = np.random.default_rng(5)
+    layers = {"f32": 2, "f64": 3}
+    readable, fused = RankAllocator(layers, **SCHEDULE), FusedRankAllocator(layers, **SCHEDULE)
+    for step in (1, 2, 3):
+        A32 = rng.normal(size=(4, 2)).astype(np.float32).T  # (2, 4), not C-contiguous
+        E64, B64 = rng.normal(size=(3, 2))[:, :1], rng.normal(size=(6, 3))  # E: a strided column
+        grads64 = [rng.normal(size=s) for s in ((3, 5), (3, 1), (6, 3))]
+        for g in grads64:
+            g.flags.writeable = False
+        params = {
+            "f32": SVDTriplet(A32, *(rng.normal(size=s).astype(np.float32) for s in ((2, 1), (3, 2)))),
+            "f64": SVDTriplet(rng.normal(size=(3, 5)), E64, B64),
+        }
+        grads = {
+            "f32": TripletGrads(*(rng.normal(size=s).astype(np.float32) for s in ((2, 4), (2, 1), (3, 2)))),
+            "f64": TripletGrads(*grads64),
+        }
+        theirs = readable.update_and_allocate(params, grads, step)
+        ours = fused.update_and_allocate(params, grads, step)
+        assert_same_state(fused, readable)
+        assert_same_masks(ours, theirs, rtol=8 * float(np.finfo(np.float32).eps))
