@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from matrix import Row, write_matrix  # noqa: E402
+from matrix import Row, site_packages, write_matrix  # noqa: E402
 
 # release -> the pins installed beside it (ports/README.md says why each): a transformers and an
 # accelerate of the release's own months, numpy 1.26 where those predate numpy 2
@@ -42,6 +42,7 @@ RELEASES: dict[str, dict[str, str]] = {
     "0.18.1": {"numpy": "2.2.6", "transformers": "4.57.6", "accelerate": "1.12.0"},
     "0.21.2": {"numpy": "2.4.6", "transformers": "5.24.0", "accelerate": "1.15.0"},  # the control
 }
+DEFAULT_CACHE = Path.home() / ".cache" / "adalora-ref" / "ports"
 TORCH = "torch==2.13.0"  # exactly this: pip takes the CPU wheel on disk
 PROJECT_DEPS = ["safetensors", "array-api-compat", "tqdm"]  # what adalora_ref needs besides numpy
 
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--release", action="append", choices=sorted(RELEASES), help="only this release (repeatable)")
     parser.add_argument("--loralib", type=Path, help="a checkout of github.com/QingruZhang/AdaLoRA (its loralib row)")
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "adalora-ref" / "ports")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the environments and outputs go")
     parser.add_argument(
         "--cases", type=Path, default=REPO / "golden" / "cases", help="the cases (default golden/cases)"
     )
@@ -132,13 +133,17 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as err:
                 failures.append(str(err))
         conform(cases, None, cache / "reports" / "reference.json")
+    reports, outs = cache / "reports", cache / "out"
     rows = [
-        Row(f"peft {v}", cache / "reports" / f"peft-{v}.json", cache / f"peft-{v}", cache / "out" / f"peft-{v}")
+        Row(f"peft {v}", reports / f"peft-{v}.json", site_packages(cache / f"peft-{v}"), outs / f"peft-{v}")
         for v in RELEASES
     ]
-    rows.append(Row("loralib (authors)", cache / "reports" / "loralib.json", None, cache / "out" / "loralib"))
+    loralib = args.loralib.resolve() if args.loralib is not None else None
+    rows.append(Row("loralib (authors)", reports / "loralib.json", loralib, outs / "loralib"))
     rows.append(Row("adalora-ref (reference)", cache / "reports" / "reference.json", None))
     command = "python ports/build.py" + ("" if args.loralib is None else f" --loralib {args.loralib}")
+    if args.cache != DEFAULT_CACHE:
+        command += f" --cache {args.cache}"
     command += "".join(f" --release {v}" for v in args.release or [])
     write_matrix(args.matrix, rows, command, loralib_given=args.loralib is not None or args.matrix_only)
     for failure in failures:

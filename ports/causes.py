@@ -29,6 +29,8 @@ def _rows(*versions: str) -> tuple[str, ...]:
 
 
 ADALORA_PY = "peft/tuners/adalora.py"  # 0.4, 0.5: AdaLoRA in one module
+LORALIB = ("loralib (authors)",)  # traced by the loralib driver's author: ports/loralib/FINDINGS.md D1-D5
+LORALIB_ADALORA = "loralib/loralib/adalora.py"  # paths in a checkout of QingruZhang/AdaLoRA
 CAUSES: list[Cause] = [
     Cause(
         "dropout_zero_crash",
@@ -167,6 +169,55 @@ CAUSES: list[Cause] = [
         'layer_index = re.match(rf".*\\.{pattern}\\.(\\d+)\\.", key)',
         "The layer index is looked for only after a dot and the pattern, so `blocks.0.q` (the pattern at the "
         "start of the name) has no index and is not targeted; 0.21.2 also matches the pattern at the start.",
+    ),
+    Cause(
+        "loralib_steps_from_0",
+        "steps counted from 0: the whole schedule runs one step late",
+        LORALIB,
+        ("allocator/*", "trajectory/*"),
+        r"^budget at step \d+ is ",
+        "NLU/src/transformers/trainer.py",
+        "self.rankallocator.update_and_mask(self.model, self.state.global_step)",
+        "self.rankallocator.update_and_mask(self.model, self.state.global_step)",
+        "The authors' trainer calls update_and_mask before `self.state.global_step += 1` (three lines on), so "
+        "the allocator sees steps from 0 where peft's are counted from 1 (SPEC 16.2); the from_step_0 cases, "
+        "where the counts agree, pass these checks (ports/loralib/FINDINGS.md, D1).",
+    ),
+    Cause(
+        "loralib_checkpoint_not_cut",
+        "the saved adapter is not cut to the rank pattern",
+        LORALIB,
+        ("trajectory/*",),
+        r"^saved tensor of .* has shape",
+        "loralib/loralib/utils.py",
+        "if 'lora_' in k}",
+        "return {k: my_state_dict[k] for k in my_state_dict if 'lora_' in k}",
+        "lora_state_dict saves every row of each triplet (the pruned E rows zeroed); peft's save_pretrained "
+        "cuts A, E and B to the stored pattern (SPEC 8.2) (FINDINGS.md, D3).",
+    ),
+    Cause(
+        "loralib_zero_rank_layer",
+        "a layer of rank 0 has no tensors and is left out of the budget",
+        LORALIB,
+        ("allocator/r_zero_layer_64",),
+        r"empty\.lora_A at step 1: missing",
+        LORALIB_ADALORA,
+        "if r > 0:",
+        "if r > 0: (lora_A, lora_E, lora_B, scaling, ranknum created only here)",
+        "SVDLinear(r=0) has no triplet, so its importance and E have no counterpart and the target budget "
+        "counts 2 layers, not 3 (FINDINGS.md, D4).",
+    ),
+    Cause(
+        "loralib_orth_divides_by_zero",
+        "the orthogonal term divides by zero without triplets",
+        LORALIB,
+        ("orth/r_zero_f64",),
+        r"^no outputs",
+        LORALIB_ADALORA,
+        "return regu_weight*regu_loss/num_param",
+        "return regu_weight*regu_loss/num_param",
+        "compute_orth_regu raises ZeroDivisionError when no lora_A / lora_B exists (every r = 0); peft returns "
+        "0 (FINDINGS.md, D5).",
     ),
 ]
 

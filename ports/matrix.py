@@ -22,7 +22,7 @@ from adalora_ref.conformance.case import KINDS
 class Row:
     name: str
     report: Path  # the conform --json report
-    venv: Path | None  # a release's environment (its site-packages are searched for cause lines)
+    source: Path | None  # where the implementation's files are (a release's site-packages, a checkout)
     out: Path | None = None  # the driver's output folder (its driver_log.json has each crashed case's error)
 
 
@@ -61,17 +61,18 @@ def _signature(results: list[dict]) -> tuple:
     return tuple((r["case"], r["status"], r.get("first_failure"), r.get("unsupported")) for r in results)
 
 
-def _site_packages(venv: Path) -> Path | None:
+def site_packages(venv: Path) -> Path | None:
+    """A virtual environment's site-packages folder (None when there is none)."""
     found = sorted(venv.glob("lib/python*/site-packages"))
     return found[0] if found else None
 
 
-def _locate(cause: Cause, venv: Path | None) -> str:
-    """`peft/tuners/adalora.py:412` for the first line of the release's file holding the cause's
-    pattern (found in the release's own site-packages), or the file alone when it is not found."""
-    site = _site_packages(venv) if venv is not None else None
+def _locate(cause: Cause, site: Path | None) -> str:
+    """`peft/tuners/adalora.py:412` for the first line of the implementation's file holding the
+    cause's pattern (found in its own files: a release's site-packages, a checkout), or the file
+    marked untraced when the pattern is not there."""
     if site is None:
-        return cause.file
+        return f"{cause.file} (no source folder to look in: untraced)"
     for candidate in [cause.file, *cause.other_files]:
         path = site / candidate
         if path.is_file():
@@ -134,7 +135,7 @@ def write_matrix(path: Path, rows: list[Row], command: str, *, loralib_given: bo
             continue
         row = members[0][0]
         crashes = _crashes(row)
-        lines += [f"### {', '.join(m.name for m, _ in members)}: {len(failing)} cases fail", ""]
+        lines += [f"### {', '.join(m.name for m, _ in members)}: {_cases(len(failing))} fail", ""]
         by_cause: dict[str, list[dict]] = defaultdict(list)
         untraced = []
         for r in failing:
@@ -147,9 +148,9 @@ def write_matrix(path: Path, rows: list[Row], command: str, *, loralib_given: bo
             first = _first_line(results[0], crashes)
             cause = causes_for(row.name, results[0]["case"], first)
             assert cause is not None and cause.key == key
-            places = sorted({_locate(cause, m.venv) for m, _ in members})
+            places = sorted({_locate(cause, m.source) for m, _ in members})
             lines += [
-                f"- **{cause.title}** ({len(results)} cases: {_short_list([r['case'] for r in results])})",
+                f"- **{cause.title}** ({_cases(len(results))}: {_short_list([r['case'] for r in results])})",
                 f"  - first failure (`{results[0]['case']}`): `{first}`",
                 f"  - cause: `{'`, `'.join(places)}`: `{cause.quote}`. {cause.why}",
             ]
@@ -162,6 +163,10 @@ def write_matrix(path: Path, rows: list[Row], command: str, *, loralib_given: bo
         lines.append("")
     text = "\n".join(lines).rstrip() + "\n"
     write_atomically(path, re.sub(r"\n{3,}", "\n\n", text).encode())
+
+
+def _cases(n: int) -> str:
+    return f"{n} case" if n == 1 else f"{n} cases"
 
 
 def _short_list(ids: list[str], keep: int = 4) -> str:

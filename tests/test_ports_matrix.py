@@ -34,7 +34,7 @@ def report(path: Path, results: list[dict]) -> Path:
 
 @pytest.fixture
 def release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fake release environment whose site-packages holds the causing line at line 3."""
+    """A fake release's site-packages, holding the causing line at line 3."""
     site = tmp_path / "venv" / "lib" / "python3.11" / "site-packages" / "peft"
     site.mkdir(parents=True)
     (site / "model.py").write_text("a = 1\nb = 2\nif orth_reg_weight <= 0:\n    raise ValueError\n")
@@ -50,7 +50,7 @@ def release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "the forward refuses it.",
     )
     monkeypatch.setattr(causes, "CAUSES", [cause])
-    return tmp_path / "venv"
+    return site.parent
 
 
 def test_cells_grouping_reasons_and_traced_causes(tmp_path: Path, release: Path) -> None:
@@ -84,7 +84,7 @@ def test_cells_grouping_reasons_and_traced_causes(tmp_path: Path, release: Path)
 
 
 def test_a_cause_pattern_missing_from_the_release_is_marked_untraced(tmp_path: Path, release: Path) -> None:
-    (release / "lib" / "python3.11" / "site-packages" / "peft" / "model.py").write_text("changed\n")
+    (release / "peft" / "model.py").write_text("changed\n")
     failing = [result("trajectory/t", "fail", "orth_reg_weight should be greater than 0")]
     rows = [matrix.Row("peft 0.1.0", report(tmp_path / "a.json", failing), release)]
     path = tmp_path / "PORTS.md"
