@@ -36,7 +36,7 @@ from .training import train_step
 MIN_TRAIN_STEPS = 10
 
 
-def run_train(steps: int, seed: int, backend: str, dtype_name: str) -> int:
+def run_train(steps: int, seed: int, backend: str, dtype_name: str, fused: bool = False) -> int:
     xp = get_backend(backend)
     dtype = dtype_by_name(xp, dtype_name)
     rng = np.random.default_rng(seed)
@@ -58,10 +58,11 @@ def run_train(steps: int, seed: int, backend: str, dtype_name: str) -> int:
         deltaT=max(1, steps // 50),
         total_step=steps,
     )
-    net = MLP(AdaLoraModel(layers, config, rng))
+    net = MLP(AdaLoraModel(layers, config, rng, fused=fused))
     optimizer = AdamW(lr=1e-2)
     teacher = rng.normal(size=(16, 8)) / 4.0
-    print(f"AdaLoRA on a {backend} {dtype_name} MLP: init_r 8 -> target_r 3 over {steps} steps")
+    path = "the fused allocator step" if fused else "the readable allocator"
+    print(f"AdaLoRA on a {backend} {dtype_name} MLP: init_r 8 -> target_r 3 over {steps} steps, {path}")
     for step in range(1, steps + 1):
         x = rng.normal(size=(64, 16))
         target = np.tanh(x @ teacher)
@@ -106,10 +107,22 @@ def register_train(sub: argparse._SubParsersAction) -> None:
         default="float64",
         help="floating dtype of every array (default: %(default)s)",
     )
+    train.add_argument(
+        "--fused",
+        action="store_true",
+        help="use the fused allocator step (adalora_ref.fused; NumPy only, needs the 'fast' extra: numba)",
+    )
 
     def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         load_backend(train, args.backend)
-        return run_train(args.steps, args.seed, args.backend, args.dtype)
+        if args.fused:
+            if args.backend != "numpy":
+                train.error(f"--fused runs on NumPy arrays only, not --backend {args.backend}")
+            try:
+                import numba  # noqa: F401
+            except ImportError:
+                train.error("--fused needs numba: pip install 'adalora-ref[fast]'")
+        return run_train(args.steps, args.seed, args.backend, args.dtype, args.fused)
 
     train.set_defaults(func=run)
 

@@ -68,7 +68,18 @@ class AdaLoraModel:
         config: AdaLoraConfig,
         rng: np.random.Generator | None = None,
         adapter_name: str = "default",
+        *,
+        fused: bool = False,
     ) -> None:
+        """`fused` makes the allocator adalora_ref.fused.FusedRankAllocator, the compiled importance
+        step (NumPy on the CPU, the `fast` extra); the default is the readable RankAllocator."""
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused must be True or False, got {fused!r}")
+        self._allocator_class: type[RankAllocator] = RankAllocator
+        if fused:
+            from .fused import FusedRankAllocator  # ImportError naming the extra when numba is missing
+
+            self._allocator_class = FusedRankAllocator
         if not base_layers:
             raise ValueError("AdaLoraModel needs at least one base layer")
         for name, base in base_layers.items():
@@ -176,7 +187,7 @@ class AdaLoraModel:
     def _rebuild_allocator(self) -> None:
         if self.trainable_adapter_name is not None:
             ranks = {name: triplet.r for name, triplet in self.triplets().items()}
-            self.allocator = RankAllocator.from_config(self.config, ranks)
+            self.allocator = self._allocator_class.from_config(self.config, ranks)
 
     # -- parameters ---------------------------------------------------------------------------
 

@@ -438,3 +438,37 @@ def test_views_read_only_arrays_and_mixed_dtypes_give_the_readable_averages() ->
         ours = fused.update_and_allocate(params, grads, step)
         assert_same_state(fused, readable)
         assert_same_masks(ours, theirs, rtol=8 * float(np.finfo(np.float32).eps))
+
+
+# -- selecting the fused path: AdaLoraModel(fused=True) and `adalora-ref train --fused` ---------------
+
+
+def test_the_model_builds_a_fused_allocator_only_when_asked() -> None:
+    rng = np.random.default_rng(0)
+    layers = {"fc1": model_module.BaseLinear(rng.normal(size=(5, 4)), np.zeros(5))}
+    config = adalora_ref.AdaLoraConfig(target_modules=["fc1"], init_r=3, target_r=1, total_step=20)
+    assert type(model_module.AdaLoraModel(layers, config).allocator) is RankAllocator
+    assert type(model_module.AdaLoraModel(layers, config, fused=True).allocator) is FusedRankAllocator
+    with pytest.raises(TypeError, match="fused must be True or False, got 'yes'"):
+        model_module.AdaLoraModel(layers, config, fused="yes")  # type: ignore[arg-type]
+
+
+def test_train_with_the_fused_step_prints_what_the_readable_one_does(capsys: pytest.CaptureFixture[str]) -> None:
+    from adalora_ref.cli import main
+
+    outputs = []
+    for extra in ([], ["--fused"]):
+        assert main(["train", "--steps", "60", *extra]) == 0
+        outputs.append(capsys.readouterr().out.splitlines())
+    readable, fused = outputs
+    assert readable[0].endswith("the readable allocator") and fused[0].endswith("the fused allocator step")
+    assert len(readable) > 5 and readable[1:] == fused[1:]  # losses, budgets, ranks and the pattern
+
+
+def test_train_refuses_the_fused_step_on_another_backend(capsys: pytest.CaptureFixture[str]) -> None:
+    from adalora_ref.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--fused", "--backend", "array_api_strict"])
+    assert stop.value.code == 2
+    assert "--fused runs on NumPy arrays only, not --backend array_api_strict" in capsys.readouterr().err
