@@ -110,7 +110,8 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--fused",
         action="store_true",
-        help="use the fused allocator step (adalora_ref.fused; NumPy only, needs the 'fast' extra: numba)",
+        help="use the fused allocator step (adalora_ref.fused; NumPy only, needs the 'fast' extra: numba) "
+        "(default: the readable allocator)",
     )
 
     def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
