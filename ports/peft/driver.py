@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
@@ -143,27 +144,39 @@ def _forked_case(cases: Path, out: Path, case_id: str, report: Any) -> None:
     os._exit(0)
 
 
-def forked(cases: Path, out: Path, case_id: str, timeout: float) -> tuple[str, str | None, float]:
-    """Run one case in a process forked from this one (torch and peft already imported, so a case
-    costs no interpreter start): a crash, an exception or a timeout costs this case only."""
-    start = time.perf_counter()
-    receive, send = FORK.Pipe(duplex=False)
-    process = FORK.Process(target=_forked_case, args=(cases, out, case_id, send))
-    process.start()
-    send.close()
-    process.join(timeout)
-    if process.is_alive():
-        process.kill()
-        process.join()
-        return case_id, f"timed out after {timeout:.0f} s", time.perf_counter() - start
-    message = receive.recv() if receive.poll() else None
-    seconds = time.perf_counter() - start
-    if process.exitcode == 0:
-        return case_id, None, seconds
-    return case_id, f"exit {process.exitcode}: {message or 'no message (the process died)'}", seconds
+def forked(cases: Path, out: Path, todo: list[str], jobs: int, timeout: float) -> list[tuple[str, str | None, float]]:
+    """Run each case in a process forked from this one (torch and peft already imported, so a case
+    costs no interpreter start), `jobs` at a time, all forked from this one thread: a crash, an
+    exception or a timeout costs that case only. (id, None or why it wrote nothing, seconds) each."""
+    pending, running, done = list(todo), {}, {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            case_id = pending.pop(0)
+            receive, send = FORK.Pipe(duplex=False)
+            process = FORK.Process(target=_forked_case, args=(cases, out, case_id, send))
+            process.start()
+            send.close()
+            running[process.sentinel] = (case_id, process, receive, time.perf_counter())
+        ready = set(wait(list(running), timeout=1.0))
+        for sentinel, (case_id, process, receive, start) in list(running.items()):
+            seconds = time.perf_counter() - start
+            if sentinel in ready:
+                process.join()
+                message = receive.recv() if receive.poll() else None
+                why = None if process.exitcode == 0 else f"exit {process.exitcode}: {message or 'the process died'}"
+            elif seconds > timeout:
+                process.kill()
+                process.join()
+                why = f"timed out after {timeout:.0f} s"
+            else:
+                continue
+            receive.close()
+            done[case_id] = (case_id, why, seconds)
+            del running[sentinel]
+    return [done[case_id] for case_id in todo]
 
 
-def in_process(cases: Path, out: Path, case_id: str, timeout: float) -> tuple[str, str | None, float]:
+def in_process(cases: Path, out: Path, case_id: str) -> tuple[str, str | None, float]:
     """Run one case in this process: an exception costs this case only (a crash would cost the run)."""
     start = time.perf_counter()
     try:
@@ -173,7 +186,7 @@ def in_process(cases: Path, out: Path, case_id: str, timeout: float) -> tuple[st
     return case_id, None, time.perf_counter() - start
 
 
-ISOLATION = {"fork": forked, "spawn": child, "none": in_process}
+ISOLATION = ("fork", "spawn", "none")
 
 
 def drive_all(cases: Path, out: Path, selected: list[str] | None, jobs: int, timeout: float, isolation: str) -> int:
@@ -191,9 +204,13 @@ def drive_all(cases: Path, out: Path, selected: list[str] | None, jobs: int, tim
     write_atomically(out / PORT_JSON, (json.dumps({"unsupported": declared}, indent=1) + "\n").encode())
     todo = [i for i in (selected or ids) if i not in declared]
     start = time.perf_counter()
-    run = ISOLATION[isolation]
-    with ThreadPoolExecutor(max_workers=jobs if isolation != "none" else 1) as pool:
-        results = list(pool.map(lambda i: run(cases, out, i, timeout), todo))
+    if isolation == "fork":
+        results = forked(cases, out, todo, jobs, timeout)
+    elif isolation == "spawn":
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            results = list(pool.map(lambda i: child(cases, out, i, timeout), todo))
+    else:
+        results = [in_process(cases, out, i) for i in todo]
     failed = {case_id: why for case_id, why, _ in results if why is not None}
     for case_id, why in failed.items():
         print(f"driver: {case_id}: no outputs ({why})", file=sys.stderr)
@@ -225,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds one case may take (default 600)")
     parser.add_argument(
         "--isolation",
-        choices=sorted(ISOLATION),
+        choices=ISOLATION,
         default="fork",
         help="each case in a process forked from this one (default), in a fresh interpreter (spawn), "
         "or all in this process (none: a crash ends the run)",
