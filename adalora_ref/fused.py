@@ -23,8 +23,11 @@ What is the same as the readable path, and what is not:
   the state switches to them only once every triplet is done and every ipt found finite. So nothing
   is ever written in place, no copy is needed before a masking step (`masking_follows` has nothing
   to do), and update_and_allocate puts the previous state back, when masking refuses, as it does for
-  the readable path. The price: two more arrays per tensor, and `state` alternates between two
-  pairs of arrays (copy an array to keep its value, as with the readable path).
+  the readable path. The price: three more arrays per tensor, and `state` alternates between two
+  sets of arrays (ipt and both averages; a fresh ipt array each step would cost its page faults
+  every step): copy an array of the state to keep its value past the next step.
+- update_and_allocate's masking does not check again the params its importance step checked a
+  moment before (the readable path checks them twice).
 - The triplet scores of a step come out of the same loop; `scores()` returns them while the state is
   the one they were computed from, and otherwise computes them from the state.
 - NumPy arrays only: another library's arrays (array_api_strict, torch, cupy) are refused with
@@ -71,10 +74,35 @@ class FusedRankAllocator(RankAllocator):
         self._pairs: dict[tuple[str, str], tuple[Pair, Pair]] = {}  # the two pairs each tensor alternates between
         self._betas: dict[np.dtype, np.ndarray] = {}  # dtype -> [beta1, 1 - beta1, beta2, 1 - beta2]
         self._scored: tuple[object, dict[str, Array]] | None = None  # (a state, its triplet scores)
+        self._ipts: dict[tuple[str, str], Pair] = {}  # the two ipt arrays each tensor alternates between
+        self._in_step = False  # inside update_and_allocate (see _check_inputs)
+        self._checked: Mapping[str, SVDTriplet] | None = None  # the params update_ipt checked in this step
 
     def reset_ipt(self) -> None:
         super().reset_ipt()
-        self._pairs, self._scored = {}, None
+        self._pairs, self._ipts, self._scored = {}, {}, None
+
+    def update_and_allocate(
+        self,
+        params: Mapping[str, SVDTriplet],
+        grads: Mapping[str, TripletGrads] | None,
+        global_step: int,
+        force_mask: bool = False,
+    ) -> Any:
+        """RankAllocator.update_and_allocate; its masking does not check again the params that its
+        importance step has just checked (nothing can change them in between)."""
+        self._in_step, self._checked = True, None
+        try:
+            return super().update_and_allocate(params, grads, global_step, force_mask)
+        finally:
+            self._in_step, self._checked = False, None
+
+    def _check_inputs(self, params: Mapping[str, SVDTriplet], grads: Mapping[str, TripletGrads] | None) -> None:
+        if grads is None and self._in_step and params is self._checked:
+            return
+        super()._check_inputs(params, grads)
+        if grads is not None and self._in_step:
+            self._checked = params
 
     def update_ipt(
         self, params: Mapping[str, SVDTriplet], grads: Mapping[str, TripletGrads], *, masking_follows: bool = False
@@ -94,7 +122,7 @@ class FusedRankAllocator(RankAllocator):
             for part in PARTS:
                 p, g = _numpy(name, part, getattr(triplet, part)), _numpy(name, part, getattr(triplet_grads, part))
                 (avg, unc), (new_avg, new_unc) = self._pair_now_and_next(name, part, p, old.get(part))
-                ipt = np.empty(p.shape, p.dtype)
+                ipt = self._ipt_to_write(name, part, p, old.get(part))
                 args += [p, g, avg, unc, ipt, new_avg, new_unc]
                 layer_state[part] = ImportanceState(ipt, new_avg, new_unc)
             score = np.empty(r, p.dtype)
@@ -132,6 +160,14 @@ class FusedRankAllocator(RankAllocator):
             beta1, beta2 = float(self.beta1), float(self.beta2)
             self._betas[dtype] = np.array([beta1, 1 - beta1, beta2, 1 - beta2], dtype=dtype)
         return self._betas[dtype]
+
+    def _ipt_to_write(self, name: str, part: str, p: np.ndarray, current: ImportanceState | None) -> np.ndarray:
+        """The array this step writes the tensor's ipt into: of the two it alternates between, the one
+        the state does not hold (a fresh array each step would cost its page faults every step)."""
+        buffers = self._ipts.get((name, part))
+        if buffers is None or buffers[0].shape != p.shape or buffers[0].dtype != p.dtype:
+            buffers = self._ipts[(name, part)] = (np.empty(p.shape, p.dtype), np.empty(p.shape, p.dtype))
+        return buffers[1] if current is not None and current.ipt is buffers[0] else buffers[0]
 
     def _pair_now_and_next(
         self, name: str, part: str, p: np.ndarray, current: ImportanceState | None
