@@ -57,8 +57,14 @@ def _crashes(row: Row) -> dict[str, str]:
 
 
 def _signature(results: list[dict]) -> tuple:
-    """What two rows must share to be grouped: every case's status and first failure line."""
-    return tuple((r["case"], r["status"], r.get("first_failure"), r.get("unsupported")) for r in results)
+    """What two rows must share to be grouped: every case's status and first failure line (a missing
+    output's line names the row's own folder, so only that it is missing counts)."""
+
+    def first(r: dict) -> str | None:
+        text = r.get("first_failure")
+        return "no outputs" if text is not None and text.startswith("no outputs") else text
+
+    return tuple((r["case"], r["status"], first(r), (r.get("unsupported") or "").split(" ", 2)[-1]) for r in results)
 
 
 def site_packages(venv: Path) -> Path | None:
