@@ -154,7 +154,8 @@ def write_matrix(path: Path, rows: list[Row], command: str, *, loralib_given: bo
             first = _first_line(results[0], crashes)
             cause = causes_for(row.name, results[0]["case"], first)
             assert cause is not None and cause.key == key
-            places = sorted({_locate(cause, m.source) for m, _ in members})
+            named = len(members) > 1  # grouped releases: each line with its release, as line numbers differ
+            places = [_locate(cause, m.source) + (f" ({m.name})" if named else "") for m, _ in members]
             lines += [
                 f"- **{cause.title}** ({_cases(len(results))}: {_short_list([r['case'] for r in results])})",
                 f"  - first failure (`{results[0]['case']}`): `{first}`",
