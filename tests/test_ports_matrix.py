@@ -78,7 +78,7 @@ def test_cells_grouping_reasons_and_traced_causes(tmp_path: Path, release: Path)
     assert "| peft 0.1.0, peft 0.2.0 | 1 / 1 (1 unsup.) |" in text  # grouped; layer: 1 of 1, 1 unsupported
     assert "- loralib (authors): not built: run with --loralib PATH" in text
     assert "no conv (1: layer/b)" in text
-    assert "`peft/model.py:3`: `if orth_reg_weight <= 0: raise`" in text
+    assert "`peft/model.py:3 (peft 0.1.0)`, `peft/model.py:3 (peft 0.2.0)`: `if orth_reg_weight <= 0: raise`" in text
     assert "no outputs: the release raised ValueError: should be greater than 0" in text
     assert "- **untraced**: `config/c`" in text
 
