@@ -43,11 +43,10 @@ from typing import Any
 
 import numpy as np
 
-from .allocator import PARTS, ImportanceState, RankAllocator, _largest_finite
+from .allocator import PARTS, Allocation, ImportanceState, RankAllocator, _largest_finite, kth_smallest
 from .layer import SVDTriplet, TripletGrads
 
 Array = Any
-Pair = tuple[np.ndarray, np.ndarray]  # (exp_avg_ipt, exp_avg_unc) of one tensor
 
 INSTALL_HINT = "pip install 'adalora-ref[fast]' (numba >= 0.60)"
 
@@ -64,6 +63,29 @@ def _kernels() -> Any:
     return _fused_kernels
 
 
+class _Plan:
+    """The arrays one layer's importance alternates between: two sets, each an ImportanceState per
+    part, and for each direction the kernel's arguments (the averages read, the arrays written)."""
+
+    def __init__(self, first: dict[str, ImportanceState], shapes: list[tuple[tuple[int, ...], np.dtype]]) -> None:
+        second = {
+            part: ImportanceState(*(np.empty(*sd) for _ in range(3))) for part, sd in zip(PARTS, shapes, strict=True)
+        }
+        self.sets = (first, second)
+        self.shapes = shapes
+        self.args = tuple(  # args[i]: from set i to set 1 - i, per part (avg, unc, ipt', avg', unc')
+            [
+                (a.exp_avg_ipt, a.exp_avg_unc, b.ipt, b.exp_avg_ipt, b.exp_avg_unc)
+                for a, b in ((now[part], then[part]) for part in PARTS)
+            ]
+            for now, then in ((first, second), (second, first))
+        )
+
+    def index(self, current: object) -> int | None:
+        """Which set `current` (a layer's state) is, or None when it is neither."""
+        return 0 if current is self.sets[0] else 1 if current is self.sets[1] else None
+
+
 class FusedRankAllocator(RankAllocator):
     """RankAllocator whose importance step and scores run as one compiled loop per triplet (NumPy only)."""
 
@@ -71,16 +93,15 @@ class FusedRankAllocator(RankAllocator):
         """The arguments of RankAllocator. ImportError, with the install command, when numba is missing."""
         self._kernels = _kernels()  # refused up front, not at the first step
         super().__init__(layers, **schedule)
-        self._pairs: dict[tuple[str, str], tuple[Pair, Pair]] = {}  # the two pairs each tensor alternates between
+        self._plans: dict[str, _Plan] = {}  # layer -> the two sets of arrays its importance alternates between
         self._betas: dict[np.dtype, np.ndarray] = {}  # dtype -> [beta1, 1 - beta1, beta2, 1 - beta2]
         self._scored: tuple[object, dict[str, Array]] | None = None  # (a state, its triplet scores)
-        self._ipts: dict[tuple[str, str], Pair] = {}  # the two ipt arrays each tensor alternates between
         self._in_step = False  # inside update_and_allocate (see _check_inputs)
         self._checked: Mapping[str, SVDTriplet] | None = None  # the params update_ipt checked in this step
 
     def reset_ipt(self) -> None:
         super().reset_ipt()
-        self._pairs, self._ipts, self._scored = {}, {}, None
+        self._plans, self._scored = {}, None
 
     def update_and_allocate(
         self,
@@ -115,22 +136,18 @@ class FusedRankAllocator(RankAllocator):
         self._check_inputs(params, grads)
         new_state: dict[str, dict[str, ImportanceState]] = {}
         scores: dict[str, Array] = {}
+        step = self._kernels.triplet_step
         for name, r in self.layer_ranks.items():
-            triplet, triplet_grads, old = params[name], grads[name], self.state.get(name, {})
-            args: list[Array] = []
-            layer_state = new_state[name] = {}
-            for part in PARTS:
-                p, g = _numpy(name, part, getattr(triplet, part)), _numpy(name, part, getattr(triplet_grads, part))
-                (avg, unc), (new_avg, new_unc) = self._pair_now_and_next(name, part, p, old.get(part))
-                ipt = self._ipt_to_write(name, part, p, old.get(part))
-                args += [p, g, avg, unc, ipt, new_avg, new_unc]
-                layer_state[part] = ImportanceState(ipt, new_avg, new_unc)
-            score = np.empty(r, p.dtype)
-            if not self._kernels.triplet_step(*args, self._betas_in(p.dtype), score):
-                ipts = {name: {part: s.ipt for part, s in layer_state.items()}}
-                _largest_finite(ipts, {name: triplet}, {name: triplet_grads})  # raises, naming the tensor
+            t, g = params[name], grads[name]
+            p_A, p_E, p_B = (_numpy(name, part, getattr(t, part)) for part in PARTS)
+            g_A, g_E, g_B = (_numpy(name, part, getattr(g, part)) for part in PARTS)
+            plan, now = self._plan(name, (p_A, p_E, p_B))
+            (a_A, a_E, a_B), score = plan.args[now], np.empty(r, p_A.dtype)
+            if not step(p_A, g_A, *a_A, p_E, g_E, *a_E, p_B, g_B, *a_B, self._betas_in(p_A.dtype), score):
+                written = plan.sets[1 - now]
+                _largest_finite({name: {part: written[part].ipt for part in PARTS}}, {name: t}, {name: g})  # raises
                 # every ipt is finite: the score overflows, which masking refuses (as for the readable path)
-            scores[name] = score
+            new_state[name], scores[name] = plan.sets[1 - now], score
         self.state = new_state
         self._scored = (new_state, scores)
 
@@ -153,49 +170,81 @@ class FusedRankAllocator(RankAllocator):
             self._kernels.scores_from_averages(*arrays, out[name])
         return out
 
+    def mask_to_budget(self, params: Mapping[str, SVDTriplet], budget: int) -> Allocation:
+        """RankAllocator.mask_to_budget on NumPy arrays, with the same threshold, flags and masked E."""
+        self._check_inputs(params, None)
+        scores = self.scores()
+        all_scores = np.concatenate(list(scores.values()))  # (init_bgt,) in layer order
+        if not np.isfinite(all_scores).all():
+            return self._refuse_overflowing(scores)
+        threshold = kth_smallest(all_scores, self.init_bgt - budget)
+        keep_all = all_scores > threshold  # peft prunes score <= threshold: ties all go
+        flags = keep_all.tolist()
+        allocation = Allocation(budget=budget, masked=True, threshold=threshold, scores=scores, rank_pattern={})
+        start = 0
+        for name, score in scores.items():
+            r = score.shape[0]
+            E = params[name].lora_E
+            allocation.lora_E[name] = np.where(keep_all[start : start + r, None], E, np.zeros_like(E))
+            allocation.rank_pattern[name] = flags[start : start + r]
+            start += r
+        return allocation
+
+    def _refuse_overflowing(self, scores: Mapping[str, np.ndarray]) -> Allocation:
+        overflowing = [name for name, score in scores.items() if not np.isfinite(score).all()]
+        raise ValueError(
+            f"the importance scores of {overflowing} overflow (exp_avg_ipt * exp_avg_unc is not finite in "
+            "this dtype): no threshold can be taken"
+        )
+
     def _betas_in(self, dtype: np.dtype) -> np.ndarray:
         """[beta1, 1 - beta1, beta2, 1 - beta2] in `dtype`, each rounded from the Python float, as
         NumPy rounds `(1 - beta1) * ipt` against an array of that dtype."""
-        if dtype not in self._betas:
+        betas = self._betas.get(dtype)
+        if betas is None:
             beta1, beta2 = float(self.beta1), float(self.beta2)
-            self._betas[dtype] = np.array([beta1, 1 - beta1, beta2, 1 - beta2], dtype=dtype)
-        return self._betas[dtype]
+            betas = self._betas[dtype] = np.array([beta1, 1 - beta1, beta2, 1 - beta2], dtype=dtype)
+        return betas
 
-    def _ipt_to_write(self, name: str, part: str, p: np.ndarray, current: ImportanceState | None) -> np.ndarray:
-        """The array this step writes the tensor's ipt into: of the two it alternates between, the one
-        the state does not hold (a fresh array each step would cost its page faults every step)."""
-        buffers = self._ipts.get((name, part))
-        if buffers is None or buffers[0].shape != p.shape or buffers[0].dtype != p.dtype:
-            buffers = self._ipts[(name, part)] = (np.empty(p.shape, p.dtype), np.empty(p.shape, p.dtype))
-        return buffers[1] if current is not None and current.ipt is buffers[0] else buffers[0]
+    def _plan(self, name: str, tensors: tuple[np.ndarray, ...]) -> tuple[_Plan, int]:
+        """The layer's plan and which of its sets the state holds now. A new plan when there is none
+        (the first step), when the tensors' shapes or dtype changed, or when the state holds arrays
+        this allocator did not make: their values are copied into the new plan's first set, so a
+        user's arrays are never written."""
+        shapes = [(x.shape, x.dtype) for x in tensors]
+        current = self.state.get(name)
+        plan = self._plans.get(name)
+        if plan is not None and plan.shapes == shapes:
+            now = plan.index(current)
+            if now is not None:
+                return plan, now
+        if current is None:  # the state before the first step: zeros
+            first = {
+                part: ImportanceState(*(np.zeros(*sd) for _ in range(3)))
+                for part, sd in zip(PARTS, shapes, strict=True)
+            }
+        else:
+            first = {}
+            for part, (shape, dtype) in zip(PARTS, shapes, strict=True):
+                state = current[part]
+                arrays = [_numpy(name, part, x) for x in (state.exp_avg_ipt, state.exp_avg_unc)]
+                for what, x in zip(("exp_avg_ipt", "exp_avg_unc"), arrays, strict=True):
+                    if x.shape != shape or x.dtype != dtype:
+                        raise FusedPathError(
+                            f"the {what} of {name}.{part} is {x.dtype} {x.shape}, the tensor {dtype} {shape}"
+                        )
+                first[part] = ImportanceState(np.zeros(shape, dtype), *(np.array(x, copy=True) for x in arrays))
+        plan = self._plans[name] = _Plan(first, shapes)
+        return plan, 0
 
-    def _pair_now_and_next(
-        self, name: str, part: str, p: np.ndarray, current: ImportanceState | None
-    ) -> tuple[Pair, Pair]:
-        """((exp_avg_ipt, exp_avg_unc) of the state, the pair this step writes their new values into):
-        of the two pairs the tensor alternates between, the one the state does not hold."""
-        pairs = self._pairs.get((name, part))
-        if current is not None and pairs is not None:
-            now = (current.exp_avg_ipt, current.exp_avg_unc)
-            for this, other in (pairs, pairs[::-1]):
-                if now[0] is this[0] and now[1] is this[1] and this[0].shape == p.shape and this[0].dtype == p.dtype:
-                    return this, other
-        if current is None:  # the state before the first step
-            now = (np.zeros(p.shape, p.dtype), np.zeros(p.shape, p.dtype))
-        else:  # a state the allocator did not make: checked, as the loop trusts its shapes
-            now = (_numpy(name, part, current.exp_avg_ipt), _numpy(name, part, current.exp_avg_unc))
-            for what, x in zip(("exp_avg_ipt", "exp_avg_unc"), now, strict=True):
-                if x.shape != p.shape or x.dtype != p.dtype:
-                    raise FusedPathError(
-                        f"the {what} of {name}.{part} is {x.dtype} {x.shape}, the tensor {p.dtype} {p.shape}"
-                    )
-        following = (np.empty(p.shape, p.dtype), np.empty(p.shape, p.dtype))
-        self._pairs[(name, part)] = (now, following)
-        return now, following
+
+def _new_set(shapes: list[tuple[tuple[int, ...], np.dtype]], make: Any) -> dict[str, ImportanceState]:
+    """An ImportanceState per part, each array made by `make(shape, dtype)` (np.zeros, np.empty)."""
+    return {part: ImportanceState(*(make(*sd) for _ in range(3))) for part, sd in zip(PARTS, shapes, strict=True)}
 
 
 def _numpy(name: str, part: str, x: Array) -> np.ndarray:
-    if not isinstance(x, np.ndarray):
+    if type(x) is not np.ndarray and not isinstance(x, np.ndarray):
         kind = f"{type(x).__module__}.{type(x).__qualname__}"
         raise FusedPathError(
             f"{name}.{part} is a {kind}: the fused allocator step is NumPy-only (no GPU version); "

@@ -477,3 +477,32 @@ def test_train_refuses_the_fused_step_on_another_backend(capsys: pytest.CaptureF
         main(["train", "--fused", "--backend", "array_api_strict"])
     assert stop.value.code == 2
     assert "--fused runs on NumPy arrays only, not --backend array_api_strict" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("budget", [0, 3, 7, 11])
+def test_fused_masking_decides_what_the_readable_masking_does(dtype: Any, budget: int) -> None:
+    """mask_to_budget of the fused path (NumPy, its own loop) against the readable one on the same
+    averages, ties included (a repeated score): threshold, rank pattern, masked E bitwise."""
+    rng = np.random.default_rng(7)
+    ranks = {"a": 4, "b": 3, "c": 0, "d": 4}
+    params = {
+        name: SVDTriplet(*(rng.normal(size=shape).astype(dtype) for shape in ((r, 5), (r, 1), (6, r))))
+        for name, r in ranks.items()
+    }
+    grads = {
+        name: TripletGrads(*(np.abs(x) * 0.1 for x in (t.lora_A, t.lora_E, t.lora_B))) for name, t in params.items()
+    }
+    readable, fused = RankAllocator(ranks, **SCHEDULE), FusedRankAllocator(ranks, **SCHEDULE)
+    readable.update_ipt(params, grads)
+    fused.update_ipt(params, grads)
+    params["d"] = SVDTriplet(params["a"].lora_A, params["a"].lora_E, params["a"].lora_B)  # d ties a, row for row
+    grads["d"] = grads["a"]
+    readable.update_ipt(params, grads)
+    fused.update_ipt(params, grads)
+    expected, got = readable.mask_to_budget(params, budget), fused.mask_to_budget(params, budget)
+    assert got.threshold == pytest.approx(expected.threshold, rel=1e-6)
+    assert got.rank_pattern == expected.rank_pattern
+    for name in ranks:
+        np.testing.assert_array_equal(got.lora_E[name], expected.lora_E[name])
+        assert got.lora_E[name].dtype == expected.lora_E[name].dtype
