@@ -390,3 +390,18 @@ def test_a_missing_plus_1e5_is_not_taken_for_float32_rounding_where_it_can_be_to
     failing = [r for r in results.values() if not r.passed and r.kind in ("layer", "conv_layer", "checkpoint")]
     assert len(failing) >= 14
     assert all(r.known_mistakes == [] for r in failing), [(r.case_id, r.known_mistakes) for r in failing]
+
+
+def test_e_never_zeroed_is_judged_by_the_ports_own_pattern_only() -> None:
+    """A port that writes no rank patterns and leaves pruned E rows alive (e.g. one that masks at
+    other steps than peft's) is not called 18.10 on peft's pattern: the recogniser needs the port's own."""
+    case = read_case(CASES, "allocator/phases_64")
+    outputs = {key: value for key, value in case.expected.items() if ".rank_pattern." not in key}
+    step = next(c.step for c in case.checks if c.quantity == "rank pattern")
+    layer = next(c.layer for c in case.checks if c.quantity == "rank pattern" and False in case.expected[c.key])
+    alive = np.array(outputs[f"step{step}.lora_E.{layer}"], copy=True)
+    alive[alive == 0] = 0.5  # every pruned row alive again
+    outputs[f"step{step}.lora_E.{layer}"] = alive
+    result = compare(case, outputs)
+    assert any(f.check.quantity == "lora_E after update_and_allocate" for f in result.failures)
+    assert "E never zeroed by masking" not in [m.name for m in result.known_mistakes]

@@ -113,10 +113,10 @@ def _layers(case: Case) -> list[str]:
     return [layer[0] for layer in case.config.get("layers", [])]
 
 
-def _pattern(ev: Evidence, step: int, *, golden: bool = False) -> dict[str, list[bool]] | None:
+def _pattern(ev: Evidence, step: int, *, golden: bool = False, own: bool = False) -> dict[str, list[bool]] | None:
     """The port's rank pattern at `step`, layer -> kept flags (the expected one where it wrote none);
-    with `golden`, the expected one."""
-    value = ev.case.expected.get if golden else ev.value
+    with `golden`, the expected one; with `own`, only what the port wrote (None where it wrote none)."""
+    value = ev.case.expected.get if golden else ev.actual.get if own else ev.value
     if ev.case.kind == "trajectory":
         stored = value(f"step{step}.rank_pattern")
         return {k.removesuffix(".lora_E"): v for k, v in stored.items()} if isinstance(stored, Mapping) else None
@@ -161,11 +161,15 @@ def _previous(ev: Evidence, step: int, quantity: str, name: str | None, like: np
 
 def _unzeroed_masking_step(ev: Evidence) -> int | None:
     """The first masking step (<= total_step - tfinal) after which an E row the port's own pattern
-    prunes is nonzero in its outputs, or None."""
+    prunes is nonzero in its outputs, or None. Only a step at which the port's pattern is new (it
+    masked there, by its own account) counts: a port that masks at other steps than peft's shows
+    rows its older pattern pruned alive again, which says nothing of its zeroing."""
+    previous = None
     for step in _masking_steps(ev):
-        pattern = _pattern(ev, step)
-        if pattern is not None and _kept_but_pruned(ev, step, pattern):
+        pattern, before = _pattern(ev, step, own=True), _pattern(ev, step - 1, own=True)
+        if pattern is not None and pattern != before and pattern != previous and _kept_but_pruned(ev, step, pattern):
             return step
+        previous = pattern
     return None
 
 
@@ -337,7 +341,7 @@ def no_final_masking(ev: Evidence) -> bool:
     if steps_from_0(ev):
         return False
     final = _final(s)
-    pattern = _pattern(ev, final)
+    pattern = _pattern(ev, final, own=True)
     later = sorted({f.check.step for f in ev.failures if f.check.step is not None and f.check.step > final})
     return pattern is not None and any(_kept_but_pruned(ev, step, pattern) for step in later)
 
