@@ -180,8 +180,8 @@ CAUSES: list[Cause] = [
         "self.rankallocator.update_and_mask(self.model, self.state.global_step)",
         "self.rankallocator.update_and_mask(self.model, self.state.global_step)",
         "The authors' trainer calls update_and_mask before `self.state.global_step += 1` (three lines on), so "
-        "the allocator sees steps from 0 where peft's are counted from 1 (SPEC 16.2); the from_step_0 cases, "
-        "where the counts agree, pass these checks (ports/loralib/FINDINGS.md, D1).",
+        "the allocator sees steps from 0 where peft's are counted from 1 (SPEC 16.2; the runner names it, "
+        "18.14); the from_step_0 cases, where the counts agree, pass these checks (ports/loralib/FINDINGS.md, D1).",
     ),
     Cause(
         "loralib_checkpoint_not_cut",
