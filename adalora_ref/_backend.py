@@ -15,6 +15,7 @@ It does not own any AdaLoRA math.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import numbers
@@ -79,11 +80,21 @@ def dtype_by_name(xp: Any, name: str) -> Any:
     return getattr(xp, name)
 
 
+_DTYPE_NAMES: dict[Any, str] = {}  # dtype -> "float32" / "float64": a few entries, one per dtype object met
+
+
 def dtype_name(dtype: Any) -> str:
-    """ "float32" or "float64" for a floating dtype of any backend."""
+    """ "float32" or "float64" for a floating dtype of any backend (remembered per dtype: the
+    checks ask on every call, and str() of a dtype is the slow part)."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except (KeyError, TypeError):  # not seen yet, or a dtype that cannot be a key
+        pass
     text = str(dtype)
     for name in ("float32", "float64"):
         if text.endswith(name):
+            with contextlib.suppress(TypeError):  # an unhashable dtype is not remembered
+                _DTYPE_NAMES[dtype] = name
             return name
     raise TypeError(f"only float32 and float64 are supported, got dtype {dtype}")
 
