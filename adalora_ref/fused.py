@@ -103,18 +103,12 @@ class FusedRankAllocator(RankAllocator):
         super().reset_ipt()
         self._plans, self._scored = {}, None
 
-    def update_and_allocate(
-        self,
-        params: Mapping[str, SVDTriplet],
-        grads: Mapping[str, TripletGrads] | None,
-        global_step: int,
-        force_mask: bool = False,
-    ) -> Any:
-        """RankAllocator.update_and_allocate; its masking does not check again the params that its
-        importance step has just checked (nothing can change them in between)."""
+    def update_and_allocate(self, *args: Any, **kwargs: Any) -> Allocation:
+        """RankAllocator.update_and_allocate (the same arguments); its masking does not check again
+        the params that its importance step has just checked (nothing can change them in between)."""
         self._in_step, self._checked = True, None
         try:
-            return super().update_and_allocate(params, grads, global_step, force_mask)
+            return super().update_and_allocate(*args, **kwargs)
         finally:
             self._in_step, self._checked = False, None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import peft
@@ -212,16 +213,10 @@ def gen_trajectory(
         n_out = layers[-1][2]
         target = rng.normal(size=(batch, n_out)).astype(dtype) if loss == "mse" else rng.integers(0, n_out, size=batch)
         c.inputs[f"step{step}.x"], c.inputs[f"step{step}.target"] = x, target
-        out = model.base_model(torch.tensor(x), torch.tensor(target))  # base_model: the orthogonal term is added
-        for n, dropout in dropouts.items():
+        out, params, captured = peft_step(model, optimizer, trainable, step, torch.tensor(x), torch.tensor(target))
+        for n, dropout in dropouts.items():  # the masks this step's forward drew
             c.inputs[f"step{step}.dropout_mask.{n}"] = t2n(dropout.mask)
-        out.loss.backward()
-        optimizer.step()
-        params = {key: t2n(p) for key, p in sorted(trainable.items())} if step in after_optimizer else {}
-        captured: list = []
-        with capture_kthvalue(captured):
-            model.base_model.update_and_allocate(step)
-        optimizer.zero_grad()
+        params = params if step in after_optimizer else {}
         if localise:  # the model's own loss, then what peft's AdaLoraModel.forward added to it
             task = stack.task_loss
             record(c, tensor(f"step{step}.task_loss", "task loss", step=step), t2n(task))
@@ -268,6 +263,24 @@ def gen_trajectory(
         if ".original_module." not in key and ".modules_to_save." not in key:
             record(c, tensor(f"saved.{key}", "saved tensor", layer=key), saved[key])
     return c
+
+
+def peft_step(
+    model: Any, optimizer: torch.optim.Optimizer, trainable: dict, step: int, x: torch.Tensor, target: torch.Tensor
+) -> tuple[Any, dict[str, np.ndarray], list]:
+    """One training step in peft's call order (docs/SPEC.md 7.2): the forward through base_model (the
+    orthogonal term added to the loss), backward, AdamW's step, update_and_allocate(step), zero_grad.
+    Returns the forward's output, every trained parameter as the optimizer step left it, and the
+    kthvalue calls of the masking."""
+    out = model.base_model(x, target)
+    out.loss.backward()
+    optimizer.step()
+    params = {key: t2n(p) for key, p in sorted(trainable.items())}
+    captured: list = []
+    with capture_kthvalue(captured):
+        model.base_model.update_and_allocate(step)
+    optimizer.zero_grad()
+    return out, params, captured
 
 
 def record_after_optimizer(c: Case, step: int, params: dict[str, np.ndarray], targets: list[str]) -> None:

@@ -17,7 +17,7 @@ import torch
 from compat import adalora
 from gen.allocator import capture_kthvalue, record_importance, record_scores
 from gen.common import PARTS, TORCH_DTYPES, Stack, lora, t2n
-from gen.trajectory import record_after_optimizer
+from gen.trajectory import peft_step, record_after_optimizer
 from layers import Outputs, ReplayDropout, scratch, set_, tensor_of
 
 from adalora_ref.conformance.case import Case
@@ -145,14 +145,8 @@ def run_trajectory(case: Case) -> Outputs:
         for n, replay in replays.items():
             replay.mask = tensor_of(case.inputs[f"step{step}.dropout_mask.{n}"])
         x, target = tensor_of(case.inputs[f"step{step}.x"]), tensor_of(case.inputs[f"step{step}.target"])
-        result = model.base_model(x, target)  # base_model: the orthogonal term is added
-        result.loss.backward()
-        optimizer.step()
-        params = {key: t2n(p) for key, p in sorted(trainable.items())} if step in after_optimizer else {}
-        captured: list = []
-        with capture_kthvalue(captured):
-            model.base_model.update_and_allocate(step)
-        optimizer.zero_grad()
+        result, params, captured = peft_step(model, optimizer, trainable, step, x, target)
+        params = params if step in after_optimizer else {}
         out[f"step{step}.task_loss"] = t2n(stack.task_loss)
         out[f"step{step}.orth_loss"] = t2n(result.loss - stack.task_loss)
         out[f"step{step}.loss"] = t2n(result.loss)
