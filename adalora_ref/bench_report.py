@@ -34,21 +34,8 @@ from tqdm import tqdm
 
 from . import bench_env
 from ._backend import BACKENDS
-from .bench import (
-    SIZES,
-    MemoryGrowth,
-    Setup,
-    Sizes,
-    Workload,
-    allocator_workload,
-    copy_bandwidth,
-    layer_workload,
-    make_setup,
-    memory_growth,
-    steady_malloc,
-    time_sides,
-    train_step_workload,
-)
+from .bench import SIZES, Setup, Sizes, Workload, allocator_workload, layer_workload, make_setup, train_step_workload
+from .bench_measure import MemoryGrowth, copy_bandwidth, memory_growth, steady_malloc, time_sides
 from .cli_args import load_backend, positive_int, writable_file, write_output
 from .fused import FusedPathError
 
@@ -115,7 +102,7 @@ class Report:
     floor: Floor | None = None
     memory: list[MemoryGrowth] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what could not be measured, and why
-    steady_malloc: bool = False  # glibc's malloc thresholds fixed for the run (bench.steady_malloc)
+    steady_malloc: bool = False  # glibc's malloc thresholds fixed for the run (bench_measure.steady_malloc)
 
 
 def measure(workload: Workload, rounds: int) -> Timing:

@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 
 from adalora_ref._backend import BACKENDS
-from adalora_ref.bench import SIZES, Setup, Side, Sizes, Workload, make_setup, steady_malloc
+from adalora_ref.bench import SIZES, Setup, Side, Sizes, Workload, make_setup
+from adalora_ref.bench_measure import steady_malloc
 from adalora_ref.bench_report import Report, Timing, add_timing, format_report
 
 _REPORTS: dict[str, Report] = {}

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adalora_ref import bench
+from adalora_ref import bench, bench_measure
 from adalora_ref.bench_report import Report, format_report, run_benchmarks, targets
 from adalora_ref.cli import main
 
@@ -32,7 +32,7 @@ HAS_CUPY = importlib.util.find_spec("cupy") is not None
 @pytest.fixture(autouse=True)
 def no_settling(monkeypatch: pytest.MonkeyPatch) -> None:
     """The pause that lets BLAS threads go idle before timing matters for figures, not for these tests."""
-    monkeypatch.setattr(bench, "SETTLE_S", 0.0)
+    monkeypatch.setattr(bench_measure, "SETTLE_S", 0.0)
 
 
 def test_command_prints_the_table(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -92,11 +92,11 @@ def test_memory_growth_catches_a_leak() -> None:
     setup = bench.make_setup("numpy", with_peft=False)
     kept: list[np.ndarray] = []
     leaky = bench.Side(lambda: kept.append(np.ones(64)), lambda: None, dict)
-    growth = bench.memory_growth(setup, leaky, "leaky", 40)
+    growth = bench_measure.memory_growth(setup, leaky, "leaky", 40)
     assert growth is not None and growth.grows
     assert growth.growth >= 20 * 64 * 8  # every array of the second half still held
     steady = bench.Side(lambda: float(np.sum(np.ones(64))), lambda: None, dict)
-    assert not bench.memory_growth(setup, steady, "steady", 40).grows
+    assert not bench_measure.memory_growth(setup, steady, "steady", 40).grows
 
     report = Report(setup, SMALL, rounds=1, memory=[growth])
     assert [t.met for t in targets(report)] == [False]

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adalora_ref import bench, bench_env
+from adalora_ref import bench, bench_env, bench_measure
 from adalora_ref.bench_env import PINS, Library
 from adalora_ref.bench_report import Report, format_report, report_dict
 from adalora_ref.cli import main
@@ -236,7 +236,7 @@ def test_the_report_says_what_it_ran_on(no_pins: pytest.MonkeyPatch) -> None:
 def test_the_command_warns_on_stderr_and_in_the_json(
     no_pins: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    no_pins.setattr(bench, "SETTLE_S", 0.0)
+    no_pins.setattr(bench_measure, "SETTLE_S", 0.0)
     no_pins.setitem(sys.modules, "torch", None)  # the reference side alone: quicker, and torch need not be here
     no_pins.setitem(sys.modules, "peft", None)
     no_pins.setenv("MKL_CBWR", "AVX2")

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 pytest.importorskip("numba", reason="the fused path needs numba: pip install 'adalora-ref[fast]'")
 
 import adalora_ref
-from adalora_ref import bench
+from adalora_ref import bench, bench_measure
 from adalora_ref import model as model_module
 from adalora_ref._backend import get_backend
 from adalora_ref.allocator import PARTS, RankAllocator
@@ -416,7 +416,7 @@ def test_the_benchmark_workload_gives_the_same_numbers_on_both_paths(dtype_name:
 def test_the_fused_step_holds_no_more_memory_from_step_to_step() -> None:
     setup = bench.make_setup("numpy", "float32", with_peft=False)
     workload = bench.allocator_workload(setup, bench.SIZES["small"], fused=True)
-    growth = bench.memory_growth(setup, workload.ours, workload.name, 40)
+    growth = bench_measure.memory_growth(setup, workload.ours, workload.name, 40)
     assert growth is not None and not growth.grows, growth
 
 
