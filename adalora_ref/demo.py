@@ -314,9 +314,12 @@ def format_report(result: DemoResult) -> str:
     )
     lines.append(f"held-out MSE against the teacher: frozen base {result.base_loss:.3e}")
     ada = result.adalora
-    lines.append(f"  {'AdaLoRA':9s}{ada.eval_loss:.3e}   ({ada.trainable_params} trainable parameters at the end)")
+    width = max(len("AdaLoRA"), len(lora.label) if lora else 0) + 2  # a label of any length keeps a gap
+    lines.append(
+        f"  {'AdaLoRA':{width}s}{ada.eval_loss:.3e}   ({ada.trainable_params} trainable parameters at the end)"
+    )
     if lora:
-        lines.append(f"  {lora.label:9s}{lora.eval_loss:.3e}   ({lora.trainable_params} trainable parameters)")
+        lines.append(f"  {lora.label:{width}s}{lora.eval_loss:.3e}   ({lora.trainable_params} trainable parameters)")
     return "\n".join(lines)
 
 

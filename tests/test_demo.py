@@ -7,6 +7,7 @@ result is pinned (the second with another pattern).
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -116,3 +117,11 @@ def test_bad_options_are_refused_naming_option_and_value(
 def test_run_demo_refuses_the_same_options_as_the_command() -> None:
     with pytest.raises(ValueError, match="more than --init-r 4"):
         demo.run_demo((0, 8), init_r=4, progress=False)
+
+
+def test_the_summary_keeps_a_gap_after_a_long_label() -> None:
+    """'LoRA r=10' (9 characters) once ran into its loss: every label keeps two spaces before it."""
+    result = demo.run_demo((10, 10), init_r=12, steps=demo.MIN_STEPS, progress=False)
+    rows = [line for line in demo.format_report(result).splitlines() if "trainable parameters" in line]
+    assert [row.split("  ")[1] for row in rows] == ["AdaLoRA", "LoRA r=10"], rows
+    assert all(re.match(r"  \S.*\S  +\d\.\d{3}e[-+]\d\d   \(", row) for row in rows), rows
