@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .._backend import get_backend
+from .._backend import get_backend, is_integer, is_real
 from ..allocator import PARTS, budget_schedule
 from ..layer import SVDTriplet
 from ..orth import orthogonal_regularizer
@@ -304,7 +304,7 @@ def linear_budget(ev: Evidence) -> bool:
     span = _final(s) - s["tinit"]
     for f in failing:
         budget, step = ev.actual.get(f.check.key), f.check.step
-        if not isinstance(budget, int | float) or isinstance(budget, bool) or step is None:
+        if not is_real(budget) or step is None:
             return False
         if not s["tinit"] < step <= _final(s):
             return False
@@ -400,7 +400,7 @@ def steps_from_0(ev: Evidence) -> bool:
     checks = [c for c in ev.case.checks if c.quantity == "budget" and c.step is not None]
     for check in checks:
         budget = ev.value(check.key)
-        if not isinstance(budget, int) or isinstance(budget, bool):
+        if not is_integer(budget):
             return False
         if budget != budget_schedule(max(check.step - 1, 0), **s)[0]:
             return False

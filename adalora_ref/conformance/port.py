@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save as save_safetensors_bytes
 
+from .._backend import is_integer, is_real
 from .._files import write_atomically
 from .case import Case, CaseError, read_json, read_tensors, stored_tensor
 
@@ -63,7 +64,7 @@ def json_tensor(value: Any, where: str) -> np.ndarray:
         if set(value) != {"shape", "data"}:
             raise CaseError(f'{where}: a tensor object has exactly the keys "shape" and "data", got {sorted(value)}')
         shape = value["shape"]
-        if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape):
+        if not isinstance(shape, list) or not all(is_integer(n) for n in shape):
             raise CaseError(f"{where}: shape must be a list of integers, got {shape!r}")
         if any(n < 0 for n in shape):
             raise CaseError(f"{where}: shape {shape} has a negative size")
@@ -83,7 +84,7 @@ def _numbers(value: Any, where: str) -> np.ndarray:
         item = stack.pop()
         if isinstance(item, list):
             stack.extend(reversed(item))  # the first offending item in reading order
-        elif isinstance(item, bool) or not isinstance(item, int | float):
+        elif not is_real(item):
             raise CaseError(f"{where}: expected numbers, found {json.dumps(item)}")
     try:
         return np.asarray(value, dtype=np.float64)

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from .._backend import is_real
+
 FORMAT = "adalora-ref-golden/1"
 MANIFEST = "MANIFEST.json"
 KINDS = (
@@ -160,7 +162,7 @@ def _number(value: object, where: str, *, allow_inf: bool = False, allow_none: b
     if value is None and allow_none:
         return
     ok = False
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if is_real(value):
         try:
             number = float(value)
         except OverflowError:  # an int beyond float's range
