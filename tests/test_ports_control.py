@@ -77,3 +77,49 @@ def test_driver_refuses_to_replace_a_folder_it_did_not_write(tmp_path: Path) -> 
     assert done.returncode != 0
     assert "not empty and not written by this driver" in done.stderr
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def _driver_module():
+    """ports/peft/driver.py imported as a module (it puts ports/peft and golden/ on sys.path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("peft_port_driver", DRIVER)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_case_whose_process_dies_or_hangs_costs_that_case_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPEC 16.2's rule for a framework that can end the process: one forked case is killed by a
+    signal (as a segfault or the OOM killer would), one hangs past the timeout; both are reported,
+    and the case between them still writes its outputs, which pass."""
+    import os
+    import signal
+    import time
+
+    from adalora_ref.conformance.case import read_case
+    from adalora_ref.conformance.port import write_port_outputs
+
+    driver = _driver_module()
+    killed, hung, good = "schedule/tinit_zero", "schedule/tiny_total_step", "orth/basic_f64"
+
+    def drive_one(cases: Path, out: Path, case_id: str) -> None:
+        if case_id == killed:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if case_id == hung:
+            time.sleep(60)
+        case = read_case(cases, case_id)
+        write_port_outputs(out, case, case.expected)  # the golden values: a port that is right
+
+    monkeypatch.setattr(driver, "drive_one", drive_one)  # the forked children inherit it
+    out = tmp_path / "out"
+    results = {case_id: why for case_id, why, _ in driver.forked(CASES, out, [killed, good, hung], 2, 3.0)}
+    assert results[good] is None
+    assert results[killed] == f"exit {-signal.SIGKILL}: the process died"
+    assert results[hung] == "timed out after 3 s"
+    judged = {r.case_id: r for r in run_cases(CASES, port=out) if r.case_id in (killed, good, hung)}
+    assert judged[good].status == "pass"
+    assert all(judged[i].error is not None and judged[i].error.startswith("no outputs") for i in (killed, hung))

@@ -162,7 +162,10 @@ def forked(cases: Path, out: Path, todo: list[str], jobs: int, timeout: float) -
             seconds = time.perf_counter() - start
             if sentinel in ready:
                 process.join()
-                message = receive.recv() if receive.poll() else None
+                try:
+                    message = receive.recv() if receive.poll() else None
+                except EOFError:  # killed before it could say why: the pipe is closed, not written
+                    message = None
                 why = None if process.exitcode == 0 else f"exit {process.exitcode}: {message or 'the process died'}"
             elif seconds > timeout:
                 process.kill()
