@@ -213,10 +213,10 @@ def gen_trajectory(
         n_out = layers[-1][2]
         target = rng.normal(size=(batch, n_out)).astype(dtype) if loss == "mse" else rng.integers(0, n_out, size=batch)
         c.inputs[f"step{step}.x"], c.inputs[f"step{step}.target"] = x, target
-        out, params, captured = peft_step(model, optimizer, trainable, step, torch.tensor(x), torch.tensor(target))
+        x_t, target_t, keep = torch.tensor(x), torch.tensor(target), step in after_optimizer
+        out, params, captured = peft_step(model, optimizer, trainable, step, x_t, target_t, keep)
         for n, dropout in dropouts.items():  # the masks this step's forward drew
             c.inputs[f"step{step}.dropout_mask.{n}"] = t2n(dropout.mask)
-        params = params if step in after_optimizer else {}
         if localise:  # the model's own loss, then what peft's AdaLoraModel.forward added to it
             task = stack.task_loss
             record(c, tensor(f"step{step}.task_loss", "task loss", step=step), t2n(task))
@@ -266,16 +266,22 @@ def gen_trajectory(
 
 
 def peft_step(
-    model: Any, optimizer: torch.optim.Optimizer, trainable: dict, step: int, x: torch.Tensor, target: torch.Tensor
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    trainable: dict,
+    step: int,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    keep_params: bool,
 ) -> tuple[Any, dict[str, np.ndarray], list]:
     """One training step in peft's call order (docs/SPEC.md 7.2): the forward through base_model (the
     orthogonal term added to the loss), backward, AdamW's step, update_and_allocate(step), zero_grad.
-    Returns the forward's output, every trained parameter as the optimizer step left it, and the
-    kthvalue calls of the masking."""
+    Returns the forward's output, every trained parameter as the optimizer step left it (when
+    `keep_params`, else {}), and the kthvalue calls of the masking."""
     out = model.base_model(x, target)
     out.loss.backward()
     optimizer.step()
-    params = {key: t2n(p) for key, p in sorted(trainable.items())}
+    params = {key: t2n(p) for key, p in sorted(trainable.items())} if keep_params else {}
     captured: list = []
     with capture_kthvalue(captured):
         model.base_model.update_and_allocate(step)

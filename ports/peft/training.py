@@ -145,8 +145,7 @@ def run_trajectory(case: Case) -> Outputs:
         for n, replay in replays.items():
             replay.mask = tensor_of(case.inputs[f"step{step}.dropout_mask.{n}"])
         x, target = tensor_of(case.inputs[f"step{step}.x"]), tensor_of(case.inputs[f"step{step}.target"])
-        result, params, captured = peft_step(model, optimizer, trainable, step, x, target)
-        params = params if step in after_optimizer else {}
+        result, params, captured = peft_step(model, optimizer, trainable, step, x, target, step in after_optimizer)
         out[f"step{step}.task_loss"] = t2n(stack.task_loss)
         out[f"step{step}.orth_loss"] = t2n(result.loss - stack.task_loss)
         out[f"step{step}.loss"] = t2n(result.loss)
